@@ -1,0 +1,131 @@
+"""Samples-per-insert rate limiting with Reverb's semantics, shared through Redis by every actor and the learner.
+
+State is two counters in one Redis hash: `inserts` (trajectories appended) and `samples` (training uses granted).
+With offset = samples_per_insert × min_size_to_sample, the difference d = inserts × spi − samples is held inside
+[offset − error_buffer, offset + error_buffer]:
+- an insert is allowed while inserts < min_size_to_sample, or if it keeps d ≤ max_diff;
+- a sample is allowed once inserts ≥ min_size_to_sample, if it keeps d ≥ min_diff.
+Check and update happen in one Lua script, so concurrent callers in any number of processes cannot overshoot. A
+caller that is not allowed waits (polling with backoff) up to its timeout and then raises `RateLimiterTimeout`
+instead of hanging: a stalled learner shows up as an error in the actors, not a silent deadlock.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import redis
+
+from longhaul.buffer import metrics
+from longhaul.config import RateLimiterConfig
+
+# KEYS: limiter hash, stream. ARGV: spi, min_size, max_diff, then field/value pairs of the stream entry.
+# Returns the new entry id, or false when the insert would push d above max_diff.
+_INSERT = """
+local inserts = tonumber(redis.call('HGET', KEYS[1], 'inserts') or '0')
+local samples = tonumber(redis.call('HGET', KEYS[1], 'samples') or '0')
+local spi, min_size, max_diff = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+if inserts >= min_size and (inserts + 1) * spi - samples > max_diff then
+  return false
+end
+local id = redis.call('XADD', KEYS[2], '*', unpack(ARGV, 4))
+redis.call('HINCRBY', KEYS[1], 'inserts', 1)
+return id
+"""
+
+# KEYS: limiter hash. ARGV: spi, min_size, min_diff, wanted. Grants 0..wanted samples, as many as keep d ≥ min_diff.
+_SAMPLE = """
+local inserts = tonumber(redis.call('HGET', KEYS[1], 'inserts') or '0')
+local samples = tonumber(redis.call('HGET', KEYS[1], 'samples') or '0')
+local spi, min_size, min_diff, wanted = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
+if inserts < min_size then return 0 end
+local room = math.floor(inserts * spi - samples - min_diff + 1e-9)
+local granted = math.max(0, math.min(wanted, room))
+if granted > 0 then redis.call('HINCRBY', KEYS[1], 'samples', granted) end
+return granted
+"""
+
+
+class RateLimiterTimeout(TimeoutError):
+    """A limiter wait outlasted its timeout. The message says which side waited and on what."""
+
+
+@dataclass(frozen=True, slots=True)
+class LimiterState:
+    inserts: int
+    samples: int
+
+
+class RateLimiter:
+    """Reverb's SampleToInsertRatio over a Redis hash. See the module docstring for the invariant it keeps."""
+
+    def __init__(self, client: redis.Redis, key: str, config: RateLimiterConfig):
+        self._client = client
+        self.key = key
+        self.config = config
+        offset = config.samples_per_insert * config.min_size_to_sample
+        self.min_diff = offset - config.error_buffer
+        self.max_diff = offset + config.error_buffer
+        self._insert = client.register_script(_INSERT)
+        self._sample = client.register_script(_SAMPLE)
+
+    def state(self) -> LimiterState:
+        inserts, samples = self._client.hmget(self.key, "inserts", "samples")
+        return LimiterState(int(inserts or 0), int(samples or 0))
+
+    def try_insert(self, stream_key: str, fields: dict[str, bytes | str]) -> bytes | None:
+        """XADD `fields` to `stream_key` and count the insert if the limiter allows it now; else None."""
+        args: list = [self.config.samples_per_insert, self.config.min_size_to_sample, self.max_diff]
+        for name, value in fields.items():
+            args += [name, value]
+        return self._insert(keys=[self.key, stream_key], args=args)
+
+    def insert(self, stream_key: str, fields: dict[str, bytes | str], timeout_s: float | None) -> bytes:
+        """Like `try_insert`, waiting up to `timeout_s` (None: forever) for room. Returns the entry id."""
+        return self._wait("insert", lambda: self.try_insert(stream_key, fields), timeout_s)
+
+    def try_sample(self, wanted: int) -> int:
+        """Grant up to `wanted` samples now; returns how many (possibly 0)."""
+        if wanted < 1:
+            raise ValueError(f"wanted must be >= 1, got {wanted}")
+        return int(self._sample(keys=[self.key], args=[self.config.samples_per_insert,
+                                                      self.config.min_size_to_sample, self.min_diff, wanted]))
+
+    def sample(self, wanted: int, timeout_s: float | None) -> int:
+        """Grant between 1 and `wanted` samples, waiting up to `timeout_s` (None: forever) for at least one."""
+        return self._wait("sample", lambda: self.try_sample(wanted) or None, timeout_s)
+
+    def return_samples(self, count: int) -> None:
+        """Give back granted samples that were not used (e.g. the stream had fewer entries than granted)."""
+        if count > 0:
+            self._client.hincrby(self.key, "samples", -count)
+
+    def _wait(self, side: str, attempt, timeout_s: float | None):
+        start = time.monotonic()
+        result = attempt()
+        if result is not None:
+            return result
+        delay = 0.001
+        try:
+            while True:
+                waited = time.monotonic() - start
+                if timeout_s is not None and waited >= timeout_s:
+                    metrics.RATE_LIMITER_TIMEOUTS.labels(side).inc()
+                    state = self.state()
+                    raise RateLimiterTimeout(
+                        f"rate limiter blocked {side} for {timeout_s}s: inserts={state.inserts} "
+                        f"samples={state.samples}, samples_per_insert={self.config.samples_per_insert}, "
+                        f"min_size_to_sample={self.config.min_size_to_sample}, allowed d in "
+                        f"[{self.min_diff}, {self.max_diff}]. "
+                        + ("The learner is not sampling: is it running?" if side == "insert"
+                           else "Actors are not inserting: are they running and admitted?")
+                    )
+                sleep = delay if timeout_s is None else min(delay, timeout_s - waited)
+                time.sleep(max(sleep, 0))
+                delay = min(delay * 2, 0.05)
+                result = attempt()
+                if result is not None:
+                    return result
+        finally:
+            metrics.RATE_LIMITER_WAIT.labels(side).observe(time.monotonic() - start)

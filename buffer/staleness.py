@@ -1,0 +1,92 @@
+"""Bounded staleness: the policy version in Redis, admission of new episodes, and the train-time filter.
+
+Admission is AReaL's rule. With v the published policy version, s = max_staleness and B = batch_size, an actor may
+start an episode only while admitted < (v + s + 1) × B, where `admitted` counts every episode ever admitted (running
+or finished). Trained batches are at most s versions behind the episodes that fill them, and actors run ahead of the
+learner by at most s batches instead of flooding the buffer.
+
+At train time a trajectory whose oldest generated token is more than s versions old is dropped or down-weighted,
+by config, and counted either way.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import redis
+
+from longhaul.buffer import metrics
+from longhaul.config import StalenessConfig
+
+# KEYS: version key, counters hash. ARGV: max_staleness, batch_size, n. Returns 1 if admitted, else 0.
+_ADMIT = """
+local version = tonumber(redis.call('GET', KEYS[1]) or '0')
+local admitted = tonumber(redis.call('HGET', KEYS[2], 'admitted') or '0')
+local n = tonumber(ARGV[3])
+if admitted + n <= (version + tonumber(ARGV[1]) + 1) * tonumber(ARGV[2]) then
+  redis.call('HINCRBY', KEYS[2], 'admitted', n)
+  return 1
+end
+redis.call('HINCRBY', KEYS[2], 'admission_rejected', 1)
+return 0
+"""
+
+# Versions only move forward: a late or replayed publish of an older version must not reopen admission.
+_PUBLISH = """
+local current = tonumber(redis.call('GET', KEYS[1]) or '-1')
+local new = tonumber(ARGV[1])
+if new > current then redis.call('SET', KEYS[1], new); return new end
+return current
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class StalenessVerdict:
+    staleness: int
+    """Learner version minus the oldest version that generated a token of the trajectory."""
+    action: Literal["train", "downweight", "drop"]
+    weight: float
+    """Loss weight to train with (0 for a dropped trajectory)."""
+
+
+class StalenessGate:
+    """The policy version and both staleness rules of one run."""
+
+    def __init__(self, client: redis.Redis, version_key: str, counters_key: str, config: StalenessConfig):
+        self._client = client
+        self._version_key = version_key
+        self._counters_key = counters_key
+        self.config = config
+        self._admit = client.register_script(_ADMIT)
+        self._publish = client.register_script(_PUBLISH)
+
+    def version(self) -> int:
+        """The policy version the actors currently have (0 before the first publish)."""
+        return int(self._client.get(self._version_key) or 0)
+
+    def publish_version(self, version: int) -> int:
+        """Record that every actor now generates with `version`. Returns the stored version (never decreases)."""
+        stored = int(self._publish(keys=[self._version_key], args=[version]))
+        metrics.POLICY_VERSION.set(stored)
+        return stored
+
+    def try_admit(self, episodes: int = 1) -> bool:
+        """Admit `episodes` new episodes if the admission rule allows all of them; counted either way."""
+        admitted = bool(self._admit(keys=[self._version_key, self._counters_key],
+                                    args=[self.config.max_staleness, self.config.batch_size, episodes]))
+        metrics.ADMISSION.labels("admitted" if admitted else "rejected").inc(episodes if admitted else 1)
+        return admitted
+
+    def release(self, episodes: int = 1) -> None:
+        """Return admissions of episodes that ended without producing a trajectory (e.g. an actor scaled away)."""
+        self._client.hincrby(self._counters_key, "admitted", -episodes)
+
+    def judge(self, oldest_version: int, learner_version: int) -> StalenessVerdict:
+        """Decide how training treats a trajectory whose oldest generated token came from `oldest_version`."""
+        staleness = max(0, learner_version - oldest_version) if oldest_version >= 0 else 0
+        if staleness <= self.config.max_staleness:
+            return StalenessVerdict(staleness, "train", 1.0)
+        if self.config.policy == "drop":
+            return StalenessVerdict(staleness, "drop", 0.0)
+        return StalenessVerdict(staleness, "downweight", self.config.downweight)

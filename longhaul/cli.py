@@ -1,0 +1,156 @@
+"""The `longhaul` command line."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import signal
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from longhaul.config import ConfigError, LonghaulConfig, load_config
+
+
+def _buffer_client(config: LonghaulConfig):
+    from longhaul.buffer.redis_server import connect
+
+    if config.redis.url is None:
+        raise SystemExit("this command reads an existing buffer: pass redis.url=redis://... (or a config file with it)")
+    return connect(config.redis.url)
+
+
+def cmd_doctor(config: LonghaulConfig, args: argparse.Namespace) -> int:
+    """Check the installation and the data path end to end, on a throwaway embedded Redis."""
+    from longhaul.buffer.redis_server import EmbeddedRedis, connect
+    from longhaul.buffer.store import TrajectoryStore
+    from longhaul.synthetic import synthetic_trajectory
+
+    failures = 0
+
+    def check(name: str, fn) -> None:
+        nonlocal failures
+        start = time.perf_counter()
+        try:
+            detail = fn()
+            print(f"  ok    {name:<44} {detail or ''} ({time.perf_counter() - start:.1f}s)")
+        except Exception as exc:  # noqa: BLE001 - a diagnostic reports every failure and keeps going
+            failures += 1
+            print(f"  FAIL  {name:<44} {type(exc).__name__}: {exc}")
+
+    print("longhaul doctor")
+    for module in ("torch", "vllm", "transformers", "ray", "redis", "msgpack", "prometheus_client", "grpc"):
+        check(f"import {module}", lambda m=module: getattr(importlib.import_module(m), "__version__", ""))
+    check("transformers Qwen2 model class", lambda: importlib.import_module("transformers").Qwen2ForCausalLM.__name__)
+
+    with tempfile.TemporaryDirectory(prefix="longhaul-doctor-") as tmp:
+        server = EmbeddedRedis(Path(tmp), appendfsync="always")
+        check("embedded redis-server starts", lambda: server.start().url.split("@")[1])
+        if server.port is None:
+            return 1
+        client = connect(server.url)
+        store = TrajectoryStore(client, "doctor", config.buffer)
+        trajectories = [synthetic_trajectory(seed, turns=44, tokens=33_000) for seed in range(args.trajectories)]
+
+        def round_trip() -> str:
+            for trajectory in trajectories:
+                store.append(trajectory)
+            deliveries = store.read("doctor", len(trajectories), block_ms=1000)
+            ids = sorted(d.trajectory.trajectory_id for d in deliveries)
+            if ids != sorted(t.trajectory_id for t in trajectories):
+                raise RuntimeError(f"appended {len(trajectories)} trajectories, read back {len(ids)}")
+            store.commit("doctor", 1, deliveries)
+            return f"{len(ids)} trajectories of 44 turns / 33k tokens"
+
+        def survives_kill() -> str:
+            entry = store.append(synthetic_trajectory(999, turns=44, tokens=33_000))
+            server.kill()
+            server.start()
+            restarted = connect(server.url)
+            if not restarted.xrange(store.keys.stream, min=entry, max=entry):
+                raise RuntimeError("an acknowledged append was lost across SIGKILL with appendfsync always")
+            restarted.close()
+            return "acknowledged append recovered from the AOF"
+
+        check("append → read → commit", round_trip)
+        check("redis SIGKILL + restart keeps appends", survives_kill)
+        client.close()
+        server.stop()
+    print("all checks passed" if not failures else f"{failures} check(s) failed: see the lines marked FAIL above")
+    return 1 if failures else 0
+
+
+def cmd_redis(config: LonghaulConfig, args: argparse.Namespace) -> int:
+    """Run the embedded Redis in the foreground (for actors and learners started by hand)."""
+    from longhaul.buffer.redis_server import EmbeddedRedis
+
+    server = EmbeddedRedis.from_config(config.redis).start()
+    print(f"redis-server pid {server.pid}, data in {server.data_dir}\nLONGHAUL_REDIS_URL={server.url}", flush=True)
+    stop = False
+
+    def request_stop(*_):
+        nonlocal stop
+        stop = True
+
+    signal.signal(signal.SIGINT, request_stop)
+    signal.signal(signal.SIGTERM, request_stop)
+    while not stop:
+        time.sleep(0.2)
+    server.stop()
+    print("redis-server stopped cleanly")
+    return 0
+
+
+def cmd_buffer_stats(config: LonghaulConfig, args: argparse.Namespace) -> int:
+    """Print the state of a run's buffer."""
+    from longhaul.buffer.store import TrajectoryStore
+
+    stats = TrajectoryStore(_buffer_client(config), config.run_name, config.buffer).stats()
+    print(f"run {config.run_name}: version {stats.version}, stream {stats.stream_length} "
+          f"(undelivered {stats.undelivered}, pending {stats.pending}, history {stats.history_size}), "
+          f"dead letters {stats.dead_letters}")
+    for name, value in sorted(stats.counters.items()):
+        print(f"  {name:<24} {value}")
+    return 0
+
+
+def cmd_dead_letters(config: LonghaulConfig, args: argparse.Namespace) -> int:
+    """List a run's dead letters: which entry, which field, why."""
+    from longhaul.buffer.store import TrajectoryStore
+
+    store = TrajectoryStore(_buffer_client(config), config.run_name, config.buffer)
+    letters = store.dead_letters(args.count)
+    for letter in letters:
+        print(f"{letter.source_entry_id.decode()}  [{letter.field}] {letter.reason}  "
+              f"({letter.payload_bytes} bytes, consumer {letter.consumer})")
+    print(f"{len(letters)} dead letter(s) shown")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="longhaul", description=__doc__,
+                                     epilog="Config overrides: section.field=value after the command, "
+                                            "e.g. `longhaul buffer-stats redis.url=redis://host:6379 run_name=exp1`.")
+    parser.add_argument("--config", type=Path, help="YAML config file (see configs/)")
+    commands = parser.add_subparsers(dest="command", required=True)
+    doctor = commands.add_parser("doctor", help=cmd_doctor.__doc__)
+    doctor.add_argument("--trajectories", type=int, default=16)
+    doctor.set_defaults(fn=cmd_doctor)
+    commands.add_parser("redis", help=cmd_redis.__doc__).set_defaults(fn=cmd_redis)
+    commands.add_parser("buffer-stats", help=cmd_buffer_stats.__doc__).set_defaults(fn=cmd_buffer_stats)
+    dead = commands.add_parser("dead-letters", help=cmd_dead_letters.__doc__)
+    dead.add_argument("--count", type=int, default=20)
+    dead.set_defaults(fn=cmd_dead_letters)
+    # Whatever argparse does not know is a `section.field=value` override; load_config rejects anything else.
+    args, overrides = parser.parse_known_args(argv)
+    try:
+        config = load_config(args.config, overrides)
+    except ConfigError as exc:
+        print(f"longhaul: invalid config: {exc}", file=sys.stderr)
+        return 2
+    return args.fn(config, args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

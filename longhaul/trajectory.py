@@ -1,0 +1,238 @@
+"""The Trajectory: one episode of one task, the unit that crosses actor → Redis → learner.
+
+The wire form is msgpack. Each array travels as `[dtype, length, raw little-endian bytes]`; msgpack hands each
+array's bytes over once and `numpy.frombuffer` maps them without another copy (no per-element work, no pickle). `decode_trajectory` trusts nothing: every field is
+checked, and any defect raises `TrajectoryError` naming the field. The same schema is written as IDL in
+`proto/longhaul/v1/trajectory.proto`; a test keeps the two in step.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, fields
+from typing import Any, Final
+
+import msgpack
+import numpy as np
+
+from longhaul.config import CodecConfig
+
+SCHEMA_VERSION: Final = 1
+
+FINISH_REASONS: Final = frozenset({"answer", "max_turns", "max_tokens", "tool_error", "aborted"})
+
+# Field name → dtype on the wire. Little-endian explicitly, so a big-endian host decodes correctly too.
+ARRAY_DTYPES: Final = {
+    "token_ids": np.dtype("<u4"),
+    "loss_mask": np.dtype("u1"),
+    "behavior_logprobs": np.dtype("<f4"),
+    "versions": np.dtype("<i4"),
+    "turn_offsets": np.dtype("<u4"),
+}
+_STRING_FIELDS: Final = ("trajectory_id", "task_id", "group_id", "actor_id", "env")
+_FLOAT_MAP_FIELDS: Final = ("reward_parts", "timings")
+_COUNT_FIELDS: Final = ("num_turns", "num_tool_calls")
+# Sampled logprobs are ≤ 0; bf16 rounding in the engine can push a near-certain token a hair above.
+_MAX_LOGPROB: Final = 1e-3
+_MAX_MAP_ENTRIES: Final = 256
+
+
+class TrajectoryError(ValueError):
+    """A trajectory (or its payload) that breaks the schema. `field` names what was wrong."""
+
+    def __init__(self, field: str, problem: str):
+        super().__init__(f"{field}: {problem}")
+        self.field = field
+        self.problem = problem
+
+
+@dataclass(slots=True, eq=False)
+class Trajectory:
+    """One episode of one task, tokens flattened over all turns.
+
+    Invariants (checked by `validate`, on encode and on decode):
+    - `token_ids`, `loss_mask`, `behavior_logprobs` and `versions` share one length T.
+    - `loss_mask` is 1 exactly on tokens the policy generated, 0 on prompt and tool observations.
+    - where the mask is 0, `behavior_logprobs` is 0 and `versions` is -1; where it is 1, the logprob is a finite
+      log-probability (≤ 0) and the version is the policy version (≥ 0) that sampled the token.
+    - `turn_offsets` has `num_turns + 1` non-decreasing entries; entry 0 is the end of the initial prompt, the last is
+      T, and turn k (one model generation and the observation that answers it) is `[offsets[k], offsets[k+1])`.
+    """
+
+    trajectory_id: str
+    task_id: str
+    group_id: str
+    actor_id: str
+    env: str
+    token_ids: np.ndarray
+    loss_mask: np.ndarray
+    behavior_logprobs: np.ndarray
+    versions: np.ndarray
+    turn_offsets: np.ndarray
+    reward: float
+    num_turns: int
+    num_tool_calls: int
+    finish_reason: str
+    reward_parts: dict[str, float] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+    schema_version: int = SCHEMA_VERSION
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    def oldest_version(self) -> int:
+        """The oldest policy version that generated any token of this episode (-1 if it generated none)."""
+        generated = self.versions[self.loss_mask.astype(bool)]
+        return int(generated.min()) if len(generated) else -1
+
+    def validate(self, limits: CodecConfig = CodecConfig()) -> None:
+        """Raise `TrajectoryError` naming the first field that breaks the invariants above."""
+        if type(self.schema_version) is not int or self.schema_version != SCHEMA_VERSION:
+            raise TrajectoryError(
+                "schema_version", f"unsupported version {self.schema_version!r}; this build reads {SCHEMA_VERSION}"
+            )
+        for name in _STRING_FIELDS:
+            _check_string(name, getattr(self, name), limits)
+        for name, dtype in ARRAY_DTYPES.items():
+            array = getattr(self, name)
+            if not isinstance(array, np.ndarray) or array.ndim != 1:
+                raise TrajectoryError(name, f"must be a 1-d numpy array, got {type(array).__name__}")
+            if array.dtype != dtype:
+                raise TrajectoryError(name, f"dtype must be {dtype.str}, got {array.dtype.str}")
+        n = len(self.token_ids)
+        if n > limits.max_tokens:
+            raise TrajectoryError("token_ids", f"{n} tokens exceeds max_tokens={limits.max_tokens}")
+        for name in ("loss_mask", "behavior_logprobs", "versions"):
+            if len(getattr(self, name)) != n:
+                raise TrajectoryError(name, f"length {len(getattr(self, name))} != len(token_ids) {n}")
+        generated = self.loss_mask == 1
+        if not np.all(generated | (self.loss_mask == 0)):
+            raise TrajectoryError("loss_mask", "values must be 0 or 1")
+        logprobs = self.behavior_logprobs
+        if not np.all(np.isfinite(logprobs)):
+            raise TrajectoryError("behavior_logprobs", "must be finite")
+        if np.any(logprobs[generated] > _MAX_LOGPROB):
+            raise TrajectoryError("behavior_logprobs", "a log-probability is positive")
+        if np.any(logprobs[~generated] != 0):
+            raise TrajectoryError("behavior_logprobs", "must be 0 where loss_mask is 0")
+        if np.any(self.versions[generated] < 0):
+            raise TrajectoryError("versions", "must be >= 0 on generated tokens")
+        if np.any(self.versions[~generated] != -1):
+            raise TrajectoryError("versions", "must be -1 where loss_mask is 0")
+        for name in _COUNT_FIELDS:
+            value = getattr(self, name)
+            if type(value) is not int or not 0 <= value <= 2**31 - 1:
+                raise TrajectoryError(name, f"must be a non-negative int32, got {value!r}")
+        offsets = self.turn_offsets
+        if len(offsets) != self.num_turns + 1:
+            raise TrajectoryError("turn_offsets", f"length {len(offsets)} != num_turns + 1 = {self.num_turns + 1}")
+        if offsets[-1] != n:
+            raise TrajectoryError("turn_offsets", f"last offset {int(offsets[-1])} != len(token_ids) {n}")
+        if np.any(np.diff(offsets.astype(np.int64)) < 0):
+            raise TrajectoryError("turn_offsets", "must be non-decreasing")
+        if type(self.reward) is not float or not math.isfinite(self.reward):
+            raise TrajectoryError("reward", f"must be a finite float, got {self.reward!r}")
+        if type(self.finish_reason) is not str or self.finish_reason not in FINISH_REASONS:
+            raise TrajectoryError("finish_reason", f"{self.finish_reason!r} is not one of {sorted(FINISH_REASONS)}")
+        for name in _FLOAT_MAP_FIELDS:
+            _check_float_map(name, getattr(self, name), limits)
+
+
+def _check_string(name: str, value: Any, limits: CodecConfig) -> None:
+    if type(value) is not str or not value:
+        raise TrajectoryError(name, f"must be a non-empty string, got {value!r:.80}")
+    try:
+        size = len(value.encode())
+    except UnicodeEncodeError:  # a lone surrogate, e.g. from os.fsdecode of a badly encoded name
+        raise TrajectoryError(name, "not encodable as UTF-8") from None
+    if size > limits.max_string_bytes:
+        raise TrajectoryError(name, f"longer than max_string_bytes={limits.max_string_bytes}")
+
+
+def _check_float_map(name: str, value: Any, limits: CodecConfig) -> None:
+    if type(value) is not dict:
+        raise TrajectoryError(name, f"must be a map of name to float, got {type(value).__name__}")
+    if len(value) > _MAX_MAP_ENTRIES:
+        raise TrajectoryError(name, f"more than {_MAX_MAP_ENTRIES} entries")
+    for key, x in value.items():
+        _check_string(f"{name}[{key!r:.40}]", key, limits)
+        if type(x) is not float or not math.isfinite(x):
+            raise TrajectoryError(f"{name}[{key!r:.40}]", f"must be a finite float, got {x!r:.40}")
+
+
+# Dataclass order, so one trajectory always encodes to the same bytes, in every process.
+_FIELD_ORDER: Final = tuple(f.name for f in fields(Trajectory))
+_FIELD_NAMES: Final = frozenset(_FIELD_ORDER)
+
+
+def encode_trajectory(trajectory: Trajectory, limits: CodecConfig = CodecConfig()) -> bytes:
+    """Validate `trajectory` and return its msgpack wire form. Raises `TrajectoryError` on a schema violation."""
+    trajectory.validate(limits)
+    record: dict[str, Any] = {}
+    for name in _FIELD_ORDER:
+        value = getattr(trajectory, name)
+        if name in ARRAY_DTYPES:
+            # memoryview of a contiguous array packs as msgpack bin without an intermediate bytes copy.
+            array = np.ascontiguousarray(value)
+            value = [array.dtype.str, len(array), memoryview(array).cast("B")]
+        record[name] = value
+    payload = msgpack.packb(record, use_bin_type=True)
+    if len(payload) > limits.max_payload_bytes:
+        raise TrajectoryError("payload", f"{len(payload)} bytes exceeds max_payload_bytes={limits.max_payload_bytes}")
+    return payload
+
+
+def decode_trajectory(payload: bytes, limits: CodecConfig = CodecConfig()) -> Trajectory:
+    """Parse and validate a wire payload. Raises `TrajectoryError` (and nothing else) for any defect."""
+    if not isinstance(payload, bytes | bytearray | memoryview):
+        raise TrajectoryError("payload", f"must be bytes, got {type(payload).__name__}")
+    if len(payload) > limits.max_payload_bytes:
+        raise TrajectoryError("payload", f"{len(payload)} bytes exceeds max_payload_bytes={limits.max_payload_bytes}")
+    try:
+        record = msgpack.unpackb(
+            payload,
+            raw=False,
+            use_list=True,
+            strict_map_key=True,
+            # Bound every container so a hostile length prefix cannot make the unpacker allocate gigabytes.
+            max_str_len=limits.max_string_bytes,
+            max_bin_len=limits.max_payload_bytes,
+            max_array_len=1024,
+            max_map_len=1024,
+            max_ext_len=0,
+        )
+    except (ValueError, TypeError, msgpack.UnpackException, RecursionError) as exc:
+        raise TrajectoryError("payload", f"not a valid msgpack document: {type(exc).__name__}: {exc}") from exc
+    if type(record) is not dict:
+        raise TrajectoryError("payload", f"top level must be a map, got {type(record).__name__}")
+    unknown = record.keys() - _FIELD_NAMES
+    if unknown:
+        raise TrajectoryError(str(sorted(map(str, unknown))[0]), "unknown field")
+    missing = _FIELD_NAMES - record.keys()
+    if missing:
+        raise TrajectoryError(sorted(missing)[0], "missing")
+    if type(record["schema_version"]) is not int or record["schema_version"] != SCHEMA_VERSION:
+        raise TrajectoryError(
+            "schema_version", f"unsupported version {record['schema_version']!r:.40}; this build reads {SCHEMA_VERSION}"
+        )
+    for name, dtype in ARRAY_DTYPES.items():
+        record[name] = _decode_array(name, record[name], dtype)
+    trajectory = Trajectory(**record)
+    trajectory.validate(limits)
+    return trajectory
+
+
+def _decode_array(name: str, wire: Any, dtype: np.dtype) -> np.ndarray:
+    if type(wire) is not list or len(wire) != 3:
+        raise TrajectoryError(name, "must be [dtype, length, bytes]")
+    dtype_str, length, data = wire
+    if dtype_str != dtype.str:
+        raise TrajectoryError(name, f"dtype must be {dtype.str}, got {dtype_str!r:.40}")
+    if type(length) is not int or length < 0:
+        raise TrajectoryError(name, f"length must be a non-negative int, got {length!r:.40}")
+    if type(data) is not bytes:
+        raise TrajectoryError(name, f"data must be bytes, got {type(data).__name__}")
+    if len(data) != length * dtype.itemsize:
+        raise TrajectoryError(name, f"{len(data)} bytes for {length} elements of {dtype.str}")
+    return np.frombuffer(data, dtype=dtype)

@@ -1,0 +1,46 @@
+"""Shared fixtures: one real embedded redis-server for the session, and a fresh run namespace per test."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable, Iterator
+
+import pytest
+import redis
+
+from longhaul.buffer.redis_server import EmbeddedRedis, connect
+from longhaul.buffer.store import TrajectoryStore
+from longhaul.config import BufferConfig
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedRedis]:
+    server = EmbeddedRedis(tmp_path_factory.mktemp("redis"), appendfsync="everysec")
+    with server:
+        yield server
+
+
+@pytest.fixture
+def redis_client(redis_server: EmbeddedRedis) -> Iterator[redis.Redis]:
+    client = connect(redis_server.url)
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def run_name() -> str:
+    """A run namespace of its own for each test, so tests sharing the server never see each other's keys."""
+    return f"test-{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture
+def make_store(redis_client: redis.Redis, run_name: str) -> Callable[..., TrajectoryStore]:
+    """Build stores on the test's run namespace; pass a BufferConfig (or keyword overrides of one)."""
+
+    def make(config: BufferConfig | None = None, **overrides) -> TrajectoryStore:
+        config = config or BufferConfig()
+        if overrides:
+            config = config.model_copy(update=overrides)
+        return TrajectoryStore(redis_client, run_name, config)
+
+    return make

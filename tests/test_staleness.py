@@ -1,0 +1,265 @@
+"""Bounded staleness: admission of new episodes, the monotonic policy version, and the train-time filter.
+
+Admission (AReaL's rule): with published version v, max_staleness s and batch size B, exactly (v + s + 1) × B
+episodes may ever be admitted. At train time a trajectory whose oldest generated token is more than s versions behind
+the learner is dropped or down-weighted, and counted either way.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import redis
+from prometheus_client import REGISTRY
+
+from longhaul.buffer.redis_server import EmbeddedRedis, connect
+from longhaul.buffer.staleness import StalenessGate, StalenessVerdict
+from longhaul.buffer.store import TrajectoryStore
+from longhaul.config import StalenessConfig
+from tests.factories import realistic_trajectory
+
+
+def admissions_counted(result: str) -> float:
+    return REGISTRY.get_sample_value("longhaul_buffer_admission_total", {"result": result}) or 0.0
+
+
+def stale_counted(action: str) -> float:
+    return REGISTRY.get_sample_value("longhaul_buffer_stale_total", {"action": action}) or 0.0
+
+
+def admit_until_rejected(gate: StalenessGate, limit: int = 10_000) -> int:
+    """Admit one episode at a time until the rule says no; returns how many got in."""
+    for admitted in range(limit):
+        if not gate.try_admit():
+            return admitted
+    raise AssertionError(f"still admitting after {limit} episodes")
+
+
+# ---- admission ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("max_staleness", "batch_size", "version"), [
+    (0, 1, 0),    # synchronous RL, one episode per step
+    (0, 4, 3),
+    (2, 3, 0),
+    (4, 16, 7),
+])
+def test_admits_exactly_v_plus_s_plus_one_batches(make_store, max_staleness, batch_size, version):
+    store = make_store(staleness=StalenessConfig(max_staleness=max_staleness, batch_size=batch_size))
+    gate = store.staleness
+    if version:
+        assert gate.publish_version(version) == version
+    assert admit_until_rejected(gate) == (version + max_staleness + 1) * batch_size
+    assert not gate.try_admit()  # and it stays shut
+    counters = store.stats().counters
+    assert counters["admitted"] == (version + max_staleness + 1) * batch_size
+    assert counters["admission_rejected"] == 2
+
+
+def test_each_published_version_opens_exactly_one_batch_and_never_reopens(make_store):
+    store = make_store(staleness=StalenessConfig(max_staleness=2, batch_size=3))
+    gate = store.staleness
+    admitted_before, rejected_before = admissions_counted("admitted"), admissions_counted("rejected")
+
+    # step                                                     admitted  rejected  version
+    assert gate.version() == 0                                 # 0         0         0 (never published)
+    assert admit_until_rejected(gate) == 9                     # 9         1         cap (0+2+1)*3 = 9
+    assert gate.publish_version(1) == 1
+    assert admit_until_rejected(gate) == 3                     # 12        2         cap 12
+    assert gate.publish_version(3) == 3                        #                     a skipped version opens two
+    assert admit_until_rejected(gate) == 6                     # 18        3         cap 18
+    assert gate.publish_version(2) == 3                        #                     late publish: ignored
+    assert gate.version() == 3
+    assert not gate.try_admit()                                # 18        4
+    assert gate.publish_version(3) == 3                        #                     replayed publish: ignored
+    assert not gate.try_admit()                                # 18        5
+    gate.release(2)                                            # 16                  two episodes never ran
+    assert not gate.try_admit(3)                               # 16        6         all or nothing
+    assert gate.try_admit(2)                                   # 18
+    assert not gate.try_admit()                                # 18        7
+
+    stats = store.stats()
+    assert stats.version == 3
+    assert (stats.counters["admitted"], stats.counters["admission_rejected"]) == (18, 7)
+    # The Prometheus counters count episodes admitted and decisions rejected, in step with the hash.
+    assert admissions_counted("admitted") - admitted_before == 9 + 3 + 6 + 2
+    assert admissions_counted("rejected") - rejected_before == 7
+
+
+def test_publish_zero_first_is_recorded(make_store):
+    gate = make_store(staleness=StalenessConfig(max_staleness=1, batch_size=2)).staleness
+    assert gate.publish_version(0) == 0
+    assert gate.version() == 0
+    assert admit_until_rejected(gate) == 4
+
+
+def test_release_returns_admission_slots(make_store):
+    store = make_store(staleness=StalenessConfig(max_staleness=0, batch_size=4))
+    gate = store.staleness
+    assert admit_until_rejected(gate) == 4
+    gate.release()
+    assert store.stats().counters["admitted"] == 3
+    assert admit_until_rejected(gate) == 1
+    gate.release(4)
+    assert admit_until_rejected(gate) == 4
+
+
+def test_concurrent_admission_never_over_admits(redis_server: EmbeddedRedis, redis_client: redis.Redis,
+                                                make_store):
+    config = StalenessConfig(max_staleness=1, batch_size=5)
+    store = make_store(staleness=config)
+    final_version = 4
+    cap = (final_version + config.max_staleness + 1) * config.batch_size  # 30
+    stop = threading.Event()
+    admitted, rejected, errors = [0] * 12, [0] * 12, []
+    over: list[tuple[int, int]] = []
+
+    def actor(index: int) -> None:
+        client = connect(redis_server.url)
+        gate = StalenessGate(client, store.keys.version, store.keys.counters, config)
+        try:
+            while not stop.is_set():
+                if gate.try_admit():
+                    admitted[index] += 1
+                else:
+                    rejected[index] += 1
+                    time.sleep(0.001)
+        except BaseException as error:
+            errors.append(error)
+        finally:
+            client.close()
+
+    def monitor() -> None:
+        while not stop.is_set():
+            pipe = redis_client.pipeline(transaction=True)  # both read at one instant
+            pipe.hget(store.keys.counters, "admitted")
+            pipe.get(store.keys.version)
+            count, version = (int(v or 0) for v in pipe.execute())
+            if count > (version + config.max_staleness + 1) * config.batch_size:
+                over.append((count, version))
+
+    threads = [threading.Thread(target=actor, args=(i,), daemon=True) for i in range(12)]
+    threads.append(threading.Thread(target=monitor, daemon=True))
+    for thread in threads:
+        thread.start()
+    for version in range(1, final_version + 1):
+        time.sleep(0.1)
+        store.staleness.publish_version(version)
+    deadline = time.monotonic() + 10
+    while sum(admitted) < cap and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.2)  # every actor keeps knocking on a full gate for a while
+    stop.set()
+    for thread in threads:
+        thread.join(5.0)
+    assert [t.name for t in threads if t.is_alive()] == []
+    assert errors == []
+    assert over == []
+    counters = store.stats().counters
+    assert sum(admitted) == counters["admitted"] == cap
+    assert sum(rejected) == counters["admission_rejected"] > 0
+
+
+# ---- judge ----------------------------------------------------------------------------------------------------
+
+S = 2  # max_staleness of the judge tables
+
+
+@pytest.mark.parametrize(("oldest", "learner", "drop", "downweight"), [
+    # oldest version, learner version → verdict under policy drop, under policy downweight (weight 0.25)
+    (5, 5, StalenessVerdict(0, "train", 1.0), StalenessVerdict(0, "train", 1.0)),
+    (5, 6, StalenessVerdict(1, "train", 1.0), StalenessVerdict(1, "train", 1.0)),
+    (5, 7, StalenessVerdict(2, "train", 1.0), StalenessVerdict(2, "train", 1.0)),         # exactly s: trained
+    (5, 8, StalenessVerdict(3, "drop", 0.0), StalenessVerdict(3, "downweight", 0.25)),    # s + 1
+    (0, 100, StalenessVerdict(100, "drop", 0.0), StalenessVerdict(100, "downweight", 0.25)),
+    (9, 7, StalenessVerdict(0, "train", 1.0), StalenessVerdict(0, "train", 1.0)),         # newer than the learner
+    (-1, 100, StalenessVerdict(0, "train", 1.0), StalenessVerdict(0, "train", 1.0)),      # generated no token
+])
+def test_judge_measures_staleness_from_the_oldest_version(redis_client, run_name, oldest, learner, drop,
+                                                          downweight):
+    for policy, expected in (("drop", drop), ("downweight", downweight)):
+        gate = StalenessGate(redis_client, f"longhaul:{{{run_name}}}:version", f"longhaul:{{{run_name}}}:counters",
+                             StalenessConfig(max_staleness=S, policy=policy, downweight=0.25))
+        assert gate.judge(oldest, learner) == expected, policy
+
+
+def test_judge_with_zero_staleness_trains_only_the_current_version(redis_client, run_name):
+    gate = StalenessGate(redis_client, f"longhaul:{{{run_name}}}:version", f"longhaul:{{{run_name}}}:counters",
+                         StalenessConfig(max_staleness=0, policy="downweight", downweight=1.0))
+    assert gate.judge(4, 4) == StalenessVerdict(0, "train", 1.0)
+    assert gate.judge(4, 5) == StalenessVerdict(1, "downweight", 1.0)  # full weight, but still counted as stale
+
+
+# ---- the train-time filter through the store ------------------------------------------------------------------
+
+LEARNER_VERSION = 6
+
+
+def append_generations(store: TrajectoryStore) -> dict[str, int]:
+    """Append trajectories generated at versions 2..8 (oldest tokens from 0..6); returns id → oldest version."""
+    oldest = {}
+    for version in range(2, 9):
+        trajectory = realistic_trajectory(version, turns=4, tokens=200, version=version,
+                                          trajectory_id=f"gen-{version}")
+        oldest[trajectory.trajectory_id] = trajectory.oldest_version()
+        store.append(trajectory, timeout_s=5)
+    assert sorted(oldest.values()) == list(range(7))  # the factory's drift: version − 2 for short episodes
+    return oldest
+
+
+def test_drop_policy_acknowledges_deletes_and_counts_over_stale_trajectories(make_store, redis_client):
+    store = make_store(staleness=StalenessConfig(max_staleness=2, policy="drop"))
+    oldest = append_generations(store)
+    store.staleness.publish_version(LEARNER_VERSION)
+    dropped_before = stale_counted("drop")
+
+    delivered = store.read("learner-0", max_count=100, block_ms=0)
+
+    fresh_enough = [tid for tid, v in oldest.items() if LEARNER_VERSION - v <= 2]
+    assert fresh_enough == ["gen-6", "gen-7", "gen-8"]  # oldest 4, 5, 6: staleness 2, 1, 0
+    assert [d.trajectory.trajectory_id for d in delivered] == fresh_enough
+    assert [(d.staleness, d.weight, d.source) for d in delivered] == [(2, 1.0, "new"), (1, 1.0, "new"),
+                                                                      (0, 1.0, "new")]
+    stats = store.stats()
+    assert stats.pending == 3                     # the four dropped ones were acknowledged on the spot
+    assert stats.stream_length == 3               # ... and deleted: only the delivered, pending ones remain
+    assert [eid for eid, _ in redis_client.xrange(store.keys.stream)] == [d.entry_id for d in delivered]
+    assert stats.counters["stale_drop"] == 4
+    assert "stale_downweight" not in stats.counters
+    assert stale_counted("drop") - dropped_before == 4
+    assert store.rate_limiter.state().samples == 3  # a dropped trajectory is not a training use
+
+
+def test_downweight_policy_delivers_over_stale_trajectories_with_the_configured_weight(make_store):
+    store = make_store(staleness=StalenessConfig(max_staleness=2, policy="downweight", downweight=0.25))
+    oldest = append_generations(store)
+    store.staleness.publish_version(LEARNER_VERSION)
+    downweighted_before = stale_counted("downweight")
+
+    delivered = store.read("learner-0", max_count=100, block_ms=0)
+
+    assert [d.trajectory.trajectory_id for d in delivered] == list(oldest)
+    expected = [(LEARNER_VERSION - v, 1.0 if LEARNER_VERSION - v <= 2 else 0.25) for v in oldest.values()]
+    assert [(d.staleness, d.weight) for d in delivered] == expected
+    assert expected == [(6, 0.25), (5, 0.25), (4, 0.25), (3, 0.25), (2, 1.0), (1, 1.0), (0, 1.0)]
+    stats = store.stats()
+    assert (stats.pending, stats.stream_length) == (7, 7)
+    assert stats.counters["stale_downweight"] == 4
+    assert "stale_drop" not in stats.counters
+    assert stale_counted("downweight") - downweighted_before == 4
+
+
+def test_filter_uses_the_version_published_at_read_time(make_store):
+    store = make_store(staleness=StalenessConfig(max_staleness=1, policy="drop"))
+    store.append(realistic_trajectory(0, turns=4, tokens=200, version=5, trajectory_id="early"), timeout_s=5)
+    store.staleness.publish_version(4)  # oldest version 3: staleness 1, trainable
+    [early] = store.read("learner-0", max_count=10, block_ms=0)
+    assert (early.trajectory.trajectory_id, early.staleness, early.weight) == ("early", 1, 1.0)
+    store.append(realistic_trajectory(1, turns=4, tokens=200, version=5, trajectory_id="late"), timeout_s=5)
+    store.staleness.publish_version(5)  # the same generation is now 2 versions behind
+    assert store.read("learner-0", max_count=10, block_ms=0) == []
+    stats = store.stats()
+    assert stats.counters["stale_drop"] == 1
+    assert (stats.pending, stats.stream_length) == (1, 1)  # only "early", still pending
