@@ -221,10 +221,10 @@ def measure_size(client: redis.Redis, label: str, n: int, tokens: int, turns: in
     trajectories, payloads = build_pool(n, tokens, turns, seed)
     payload_bytes = statistics.fmean(len(p) for p in payloads)
     config = BufferConfig(history=HistoryConfig(rounds=0))
-    # Warm-up, untimed: script loading (EVALSHA → NOSCRIPT → SCRIPT LOAD), connection set-up, allocator growth.
-    warm = max(batch, min(n, 2 * batch))
-    longhaul_pass(client, trajectories[:warm], batch, config)
-    raw_pass(client, payloads[:warm], batch)
+    # One untimed pass of each first: script loading (EVALSHA → NOSCRIPT → SCRIPT LOAD), and both processes'
+    # allocators growing to the working set, would otherwise land on round 1 only.
+    longhaul_pass(client, trajectories, batch, config)
+    raw_pass(client, payloads, batch)
     longhaul_passes: list[Pass] = []
     raw_passes: list[Pass] = []
     for round_ in range(repeats):
@@ -341,10 +341,10 @@ def print_codec(label: str, tokens: int, rows: dict[str, list[CodecRow]]) -> Non
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--trajectories", type=int, default=96, help="trajectories per pass, long size")
+    parser.add_argument("--trajectories", type=int, default=256, help="trajectories per pass, long size")
     parser.add_argument("--tokens", type=int, default=33_000, help="tokens per trajectory, long size")
     parser.add_argument("--turns", type=int, default=44, help="turns per trajectory (both sizes)")
-    parser.add_argument("--short-trajectories", type=int, default=384, help="trajectories per pass, short size")
+    parser.add_argument("--short-trajectories", type=int, default=1024, help="trajectories per pass, short size")
     parser.add_argument("--short-tokens", type=int, default=4_000, help="tokens per trajectory, short size; 0 skips it")
     parser.add_argument("--batch", type=int, default=16, help="trajectories per read (learner batch)")
     parser.add_argument("--repeats", type=int, default=5, help="interleaved rounds of longhaul and raw")
@@ -352,6 +352,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--codec-repeats", type=int, default=7, help="passes over the codec pool (median taken)")
     parser.add_argument("--appendfsync", choices=("always", "everysec", "no"), default="everysec",
                         help="AOF fsync policy of the embedded server")
+    parser.add_argument("--data-dir", metavar="DIR", default=None,
+                        help="where the server's temporary data directory (its AOF) goes; default: the system temp dir")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", metavar="PATH", help="also write every figure to this JSON file")
     args = parser.parse_args(argv)
@@ -364,7 +366,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     started = time.perf_counter()
     buffer_figures: list[SizeFigures] = []
-    with tempfile.TemporaryDirectory(prefix="longhaul-bench-") as data_dir, \
+    with tempfile.TemporaryDirectory(prefix="longhaul-bench-", dir=args.data_dir) as data_dir, \
             EmbeddedRedis(data_dir, appendfsync=args.appendfsync) as server:
         client = connect(server.url)
         try:

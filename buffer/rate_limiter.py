@@ -47,6 +47,19 @@ return granted
 """
 
 
+# KEYS: limiter hash. ARGV: spi, max_diff, count. Gives back up to `count` granted-but-unused samples, but only as many
+# as keep d ≤ max_diff: an insert may already have used the room the grant opened. Returns how many were given back.
+_RETURN = """
+local inserts = tonumber(redis.call('HGET', KEYS[1], 'inserts') or '0')
+local samples = tonumber(redis.call('HGET', KEYS[1], 'samples') or '0')
+local spi, max_diff = tonumber(ARGV[1]), tonumber(ARGV[2])
+local room = math.floor(max_diff - (inserts * spi - samples) + 1e-9)
+local returned = math.max(0, math.min(tonumber(ARGV[3]), room, samples))
+if returned > 0 then redis.call('HINCRBY', KEYS[1], 'samples', -returned) end
+return returned
+"""
+
+
 class RateLimiterTimeout(TimeoutError):
     """A limiter wait outlasted its timeout. The message says which side waited and on what."""
 
@@ -69,6 +82,7 @@ class RateLimiter:
         self.max_diff = offset + config.error_buffer
         self._insert = client.register_script(_INSERT)
         self._sample = client.register_script(_SAMPLE)
+        self._return = client.register_script(_RETURN)
 
     def state(self) -> LimiterState:
         inserts, samples = self._client.hmget(self.key, "inserts", "samples")
@@ -96,10 +110,14 @@ class RateLimiter:
         """Grant between 1 and `wanted` samples, waiting up to `timeout_s` (None: forever) for at least one."""
         return self._wait("sample", lambda: self.try_sample(wanted) or None, timeout_s)
 
-    def return_samples(self, count: int) -> None:
-        """Give back granted samples that were not used (e.g. the stream had fewer entries than granted)."""
-        if count > 0:
-            self._client.hincrby(self.key, "samples", -count)
+    def return_samples(self, count: int) -> int:
+        """Give back granted samples that were not used (e.g. the stream had fewer entries than granted).
+
+        Returns how many were taken back: fewer than `count` when inserts have since used the room the grant
+        opened, since taking them all back would push d above max_diff. The rest stay counted as samples."""
+        if count <= 0:
+            return 0
+        return int(self._return(keys=[self.key], args=[self.config.samples_per_insert, self.max_diff, count]))
 
     def _wait(self, side: str, attempt, timeout_s: float | None):
         start = time.monotonic()

@@ -28,7 +28,7 @@ if admitted + n <= (version + tonumber(ARGV[1]) + 1) * tonumber(ARGV[2]) then
   redis.call('HINCRBY', KEYS[2], 'admitted', n)
   return 1
 end
-redis.call('HINCRBY', KEYS[2], 'admission_rejected', 1)
+redis.call('HINCRBY', KEYS[2], 'admission_rejected', n)
 return 0
 """
 
@@ -72,10 +72,10 @@ class StalenessGate:
         return stored
 
     def try_admit(self, episodes: int = 1) -> bool:
-        """Admit `episodes` new episodes if the admission rule allows all of them; counted either way."""
+        """Admit `episodes` new episodes if the admission rule allows all of them; counted (in episodes) either way."""
         admitted = bool(self._admit(keys=[self._version_key, self._counters_key],
                                     args=[self.config.max_staleness, self.config.batch_size, episodes]))
-        metrics.ADMISSION.labels("admitted" if admitted else "rejected").inc(episodes if admitted else 1)
+        metrics.ADMISSION.labels("admitted" if admitted else "rejected").inc(episodes)
         return admitted
 
     def release(self, episodes: int = 1) -> None:

@@ -159,3 +159,20 @@ def test_nothing_unacknowledged_ever_leaves_the_stream(make_store):
         stats = store.stats()
         assert stats.undelivered >= 0
         assert stats.stream_length == stats.undelivered + stats.pending + stats.history_size
+
+
+def test_buffer_operations_are_exported_under_the_longhaul_buffer_prefix(make_store):
+    from prometheus_client import generate_latest
+
+    store = make_store(NO_HISTORY)
+    appended_before = _metric("longhaul_buffer_appended_total")
+    store.append(synthetic_trajectory(1, turns=4, tokens=200))
+    store.commit("learner", 1, store.read("learner", 1, block_ms=100))
+    store.stats()
+    assert _metric("longhaul_buffer_appended_total") - appended_before == 1
+    exposition = generate_latest(REGISTRY).decode()
+    for name in ("longhaul_buffer_appended_total", "longhaul_buffer_appended_bytes_total",
+                 'longhaul_buffer_delivered_total{source="new"}', "longhaul_buffer_committed_total",
+                 'longhaul_buffer_op_seconds_bucket{le="0.001",op="append"}', "longhaul_buffer_stream_length",
+                 "longhaul_buffer_pending", "longhaul_buffer_policy_version"):
+        assert name in exposition, name
