@@ -12,7 +12,9 @@ DELIVERED = Counter(
 )  # source: new | recovered (own pending after a restart) | reclaimed (from an idle consumer)
 COMMITTED = Counter("longhaul_buffer_committed", "Fresh trajectories acknowledged after a committed step")
 REPLAYED = Counter("longhaul_buffer_replayed", "Replayed (history) uses committed")
-DUPLICATES = Counter("longhaul_buffer_duplicates", "Entries whose trajectory_id was already trained on, acknowledged unused")
+DUPLICATES = Counter(
+    "longhaul_buffer_duplicates", "Entries whose trajectory_id was already trained on, acknowledged unused"
+)
 DEAD_LETTERS = Counter("longhaul_buffer_dead_letters", "Invalid entries moved to the dead-letter stream", ["field"])
 STALE = Counter("longhaul_buffer_stale", "Trajectories older than max_staleness at train time", ["action"])
 ADMISSION = Counter("longhaul_buffer_admission", "Episode admission decisions of the staleness rule", ["result"])
@@ -20,7 +22,9 @@ RATE_LIMITER_WAIT = Histogram(
     "longhaul_buffer_rate_limiter_wait_seconds", "Time spent blocked by the samples-per-insert limiter", ["side"],
     buckets=(0.001, 0.01, 0.1, 0.5, 1, 5, 30, 120),
 )
-RATE_LIMITER_TIMEOUTS = Counter("longhaul_buffer_rate_limiter_timeouts", "Limiter waits that hit their timeout", ["side"])
+RATE_LIMITER_TIMEOUTS = Counter(
+    "longhaul_buffer_rate_limiter_timeouts", "Limiter waits that hit their timeout", ["side"]
+)
 OP_SECONDS = Histogram(
     "longhaul_buffer_op_seconds", "Latency of buffer operations", ["op"],
     buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1, 5),

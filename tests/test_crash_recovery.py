@@ -78,7 +78,8 @@ def test_a_restarted_consumer_recovers_its_own_pending_entries(redis_server, run
     for i in range(6):
         store.append(synthetic_trajectory(i, turns=4, tokens=256))
     log = tmp_path / "first-life.log"
-    first_life = SPAWN.Process(target=workers.read_and_hang, args=(redis_server.url, run_name, CONFIG, "learner-0", 4, log))
+    first_life = SPAWN.Process(target=workers.read_and_hang,
+                               args=(redis_server.url, run_name, CONFIG, "learner-0", 4, log))
     first_life.start()
     read_before_crash = _wait_for_lines(log, 4)
     os.kill(first_life.pid, signal.SIGKILL)

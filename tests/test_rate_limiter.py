@@ -27,7 +27,7 @@ from pydantic import ValidationError
 from longhaul.buffer.rate_limiter import LimiterState, RateLimiter, RateLimiterTimeout
 from longhaul.buffer.redis_server import EmbeddedRedis, connect
 from longhaul.config import BufferConfig, RateLimiterConfig
-from tests.factories import realistic_trajectory
+from longhaul.synthetic import synthetic_trajectory
 
 # "Still blocked" is asserted with a short wait, "unblocked" with a long one: a slow machine can only make the
 # first pass more easily and the second take longer, never flip either result.
@@ -204,11 +204,11 @@ def test_blocks_store_appends_until_the_learner_reads(make_store):
     # offset 2, d in [1, 3]
     assert store.read("learner-0", max_count=4, block_ms=50) == []  # below min_size: read waits, then gives nothing
     for seed in range(3):
-        store.append(realistic_trajectory(seed, turns=4, tokens=200), timeout_s=0)
+        store.append(synthetic_trajectory(seed, turns=4, tokens=200), timeout_s=0)
     with pytest.raises(RateLimiterTimeout, match="blocked insert"):
-        store.append(realistic_trajectory(3, turns=4, tokens=200), timeout_s=0.05)
+        store.append(synthetic_trajectory(3, turns=4, tokens=200), timeout_s=0.05)
     assert store.stats().stream_length == 3  # the refused trajectory never reached the stream
-    appender = Blocked(lambda: store.append(realistic_trajectory(4, turns=4, tokens=200), timeout_s=UNBLOCKED_S))
+    appender = Blocked(lambda: store.append(synthetic_trajectory(4, turns=4, tokens=200), timeout_s=UNBLOCKED_S))
     assert appender.still_blocked()
     delivered = store.read("learner-0", max_count=4, block_ms=0)
     assert [d.trajectory.trajectory_id for d in delivered] == ["traj-0", "traj-1"]  # d=3 → 1 = min_diff
@@ -219,7 +219,7 @@ def test_blocks_store_appends_until_the_learner_reads(make_store):
 def test_store_read_charges_only_what_it_delivers(make_store):
     store = make_store(rate_limiter=RateLimiterConfig(samples_per_insert=2, min_size_to_sample=1, error_buffer=10))
     for seed in range(2):
-        store.append(realistic_trajectory(seed, turns=4, tokens=200), timeout_s=0)
+        store.append(synthetic_trajectory(seed, turns=4, tokens=200), timeout_s=0)
     delivered = store.read("learner-0", max_count=10, block_ms=0)  # 10 granted, 2 entries in the stream
     assert len(delivered) == 2
     assert store.rate_limiter.state() == LimiterState(2, 2)

@@ -15,13 +15,13 @@ import redis
 from longhaul.buffer.rate_limiter import LimiterState
 from longhaul.buffer.store import CommitResult, HistoryEntry, TrajectoryStore
 from longhaul.config import HistoryConfig, RateLimiterConfig
-from tests.factories import realistic_trajectory
+from longhaul.synthetic import synthetic_trajectory
 
 CONSUMER = "learner-0"
 
 
 def append(store: TrajectoryStore, trajectory_id: str, seed: int = 0) -> bytes:
-    return store.append(realistic_trajectory(seed, turns=4, tokens=200, trajectory_id=trajectory_id), timeout_s=5)
+    return store.append(synthetic_trajectory(seed, turns=4, tokens=200, trajectory_id=trajectory_id), timeout_s=5)
 
 
 def append_and_read(store: TrajectoryStore, ids: list[str]):

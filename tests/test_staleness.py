@@ -18,7 +18,7 @@ from longhaul.buffer.redis_server import EmbeddedRedis, connect
 from longhaul.buffer.staleness import StalenessGate, StalenessVerdict
 from longhaul.buffer.store import TrajectoryStore
 from longhaul.config import StalenessConfig
-from tests.factories import realistic_trajectory
+from longhaul.synthetic import synthetic_trajectory
 
 
 def admissions_counted(result: str) -> float:
@@ -201,7 +201,7 @@ def append_generations(store: TrajectoryStore) -> dict[str, int]:
     """Append trajectories generated at versions 2..8 (oldest tokens from 0..6); returns id → oldest version."""
     oldest = {}
     for version in range(2, 9):
-        trajectory = realistic_trajectory(version, turns=4, tokens=200, version=version,
+        trajectory = synthetic_trajectory(version, turns=4, tokens=200, version=version,
                                           trajectory_id=f"gen-{version}")
         oldest[trajectory.trajectory_id] = trajectory.oldest_version()
         store.append(trajectory, timeout_s=5)
@@ -253,11 +253,11 @@ def test_downweight_policy_delivers_over_stale_trajectories_with_the_configured_
 
 def test_filter_uses_the_version_published_at_read_time(make_store):
     store = make_store(staleness=StalenessConfig(max_staleness=1, policy="drop"))
-    store.append(realistic_trajectory(0, turns=4, tokens=200, version=5, trajectory_id="early"), timeout_s=5)
+    store.append(synthetic_trajectory(0, turns=4, tokens=200, version=5, trajectory_id="early"), timeout_s=5)
     store.staleness.publish_version(4)  # oldest version 3: staleness 1, trainable
     [early] = store.read("learner-0", max_count=10, block_ms=0)
     assert (early.trajectory.trajectory_id, early.staleness, early.weight) == ("early", 1, 1.0)
-    store.append(realistic_trajectory(1, turns=4, tokens=200, version=5, trajectory_id="late"), timeout_s=5)
+    store.append(synthetic_trajectory(1, turns=4, tokens=200, version=5, trajectory_id="late"), timeout_s=5)
     store.staleness.publish_version(5)  # the same generation is now 2 versions behind
     assert store.read("learner-0", max_count=10, block_ms=0) == []
     stats = store.stats()
