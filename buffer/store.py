@@ -127,10 +127,29 @@ class BufferStats:
         return self.stream_length - self.pending - self.history_size
 
 
-# KEYS: stream, seen, counters, committed_steps, history_entries, history_uses, history_rounds
+# Every deletion from the stream goes through this, so the rate limiter can derive inserts = XLEN + deleted.
+_DELETE = """
+local function delete(stream, limiter, eid)
+  local n = redis.call('XDEL', stream, eid)
+  if n > 0 then redis.call('HINCRBY', limiter, 'deleted', n) end
+end
+"""
+
+# KEYS: stream, limiter, counters. ARGV: group, then (entry_id, counter field) pairs. Acknowledges and deletes entries
+# that will not be trained on, counting each under its field (duplicates, stale_drop, dead_letters).
+_DISCARD = _DELETE + """
+local stream, limiter, counters = unpack(KEYS)
+for i = 2, #ARGV, 2 do
+  redis.call('XACK', stream, ARGV[1], ARGV[i])
+  delete(stream, limiter, ARGV[i])
+  redis.call('HINCRBY', counters, ARGV[i + 1], 1)
+end
+"""
+
+# KEYS: stream, seen, counters, committed_steps, history_entries, history_uses, history_rounds, limiter
 # ARGV: group, consumer, step, L, max_times_sampled, n_fresh, (entry_id, trajectory_id) × n_fresh, replayed ids...
-_COMMIT = """
-local stream, seen, counters, steps, h_entries, h_uses, h_rounds = unpack(KEYS)
+_COMMIT = _DELETE + """
+local stream, seen, counters, steps, h_entries, h_uses, h_rounds, limiter = unpack(KEYS)
 local group, consumer = ARGV[1], ARGV[2]
 local step, L, max_times, n = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
 local last = tonumber(redis.call('HGET', steps, consumer) or '-1')
@@ -139,7 +158,7 @@ redis.call('HSET', steps, consumer, step)
 
 local function evict(tid)
   local eid = redis.call('HGET', h_entries, tid)
-  if eid then redis.call('XDEL', stream, eid) end
+  if eid then delete(stream, limiter, eid) end
   redis.call('HDEL', h_entries, tid)
   redis.call('HDEL', h_uses, tid)
   redis.call('ZREM', h_rounds, tid)
@@ -157,12 +176,12 @@ for i = 0, n - 1 do
       redis.call('HSET', h_uses, tid, 1)
       redis.call('ZADD', h_rounds, step, tid)
     else
-      redis.call('XDEL', stream, eid)
+      delete(stream, limiter, eid)
     end
   else
     duplicates = duplicates + 1
     -- The same entry may be the one the history holds (committed twice after a reclaim race): keep it then.
-    if redis.call('HGET', h_entries, tid) ~= eid then redis.call('XDEL', stream, eid) end
+    if redis.call('HGET', h_entries, tid) ~= eid then delete(stream, limiter, eid) end
   end
 end
 for i = 7 + 2 * n, #ARGV do
@@ -188,9 +207,10 @@ class TrajectoryStore:
         self._client = client
         self.config = config
         self.keys = RunKeys(run_name)
-        self.rate_limiter = RateLimiter(client, self.keys.limiter, config.rate_limiter)
+        self.rate_limiter = RateLimiter(client, self.keys.limiter, self.keys.stream, config.rate_limiter)
         self.staleness = StalenessGate(client, self.keys.version, self.keys.counters, config.staleness)
         self._commit = client.register_script(_COMMIT)
+        self._discard = client.register_script(_DISCARD)
         try:
             # From id 0, not $: trajectories appended before the learner first connects are read too.
             client.xgroup_create(self.keys.stream, GROUP, id="0", mkstream=True)
@@ -207,7 +227,7 @@ class TrajectoryStore:
         raises `TrajectoryError` for a trajectory that breaks the schema (nothing is appended then)."""
         start = time.perf_counter()
         payload = encode_trajectory(trajectory, self.config.codec)
-        entry_id = self.rate_limiter.insert(self.keys.stream, {PAYLOAD_FIELD: payload}, timeout_s)
+        entry_id = self.rate_limiter.insert({PAYLOAD_FIELD: payload}, timeout_s)
         metrics.APPENDED.inc()
         metrics.APPENDED_BYTES.inc(len(payload))
         metrics.OP_SECONDS.labels("append").observe(time.perf_counter() - start)
@@ -279,7 +299,7 @@ class TrajectoryStore:
         start = time.perf_counter()
         committed, duplicates, replayed, already = self._commit(keys=[
             self.keys.stream, self.keys.seen, self.keys.counters, self.keys.committed_steps,
-            self.keys.history_entries, self.keys.history_uses, self.keys.history_rounds,
+            self.keys.history_entries, self.keys.history_uses, self.keys.history_rounds, self.keys.limiter,
         ], args=args)
         metrics.OP_SECONDS.labels("commit").observe(time.perf_counter() - start)
         metrics.COMMITTED.inc(committed)
@@ -331,7 +351,8 @@ class TrajectoryStore:
             trajectory = decode_trajectory(entries[0][1][PAYLOAD_FIELD], self.config.codec)
             verdict = self.staleness.judge(trajectory.oldest_version(), learner_version)
             if verdict.action != "train":
-                self._count_stale(counts, verdict.action)
+                counts.hincrby(self.keys.counters, f"stale_{verdict.action}", 1)
+                metrics.STALE.labels(verdict.action).inc()
             if verdict.action != "drop":
                 deliveries.append(Delivery(eid, trajectory, "replay", verdict.staleness, verdict.weight))
         if len(counts):
@@ -374,62 +395,62 @@ class TrajectoryStore:
     def _deliver(self, entries: list, consumer: str, source: Source) -> list[Delivery]:
         """Decode and screen raw stream entries; everything not handed to training is acknowledged here."""
         candidates: list[tuple[bytes, Trajectory]] = []
-        discard = self._client.pipeline(transaction=True)
+        discards: list = []  # entry_id, counter field, ... for _DISCARD
+        # One MULTI for all the bookkeeping: an entry is never acknowledged without its dead letter and counts.
+        bookkeeping = self._client.pipeline(transaction=True)
         for entry_id, entry_fields in entries:
             if entry_fields is None:  # deleted while pending (Redis 6.2 XAUTOCLAIM reports it as nil)
-                discard.xack(self.keys.stream, GROUP, entry_id)
+                bookkeeping.xack(self.keys.stream, GROUP, entry_id)
                 continue
             payload = entry_fields.get(PAYLOAD_FIELD)
             if payload is None:
                 names = sorted(k.decode(errors="replace") for k in entry_fields)
-                self._dead_letter(discard, entry_id, consumer, TrajectoryError(
-                    "entry", f"stream entry has no {PAYLOAD_FIELD.decode()!r} field (fields: {names})"), b"")
+                error = TrajectoryError("entry", f"no {PAYLOAD_FIELD.decode()!r} field in the stream entry ({names})")
+                discards += self._dead_letter(bookkeeping, entry_id, consumer, error, b"")
                 continue
             try:
                 candidates.append((entry_id, decode_trajectory(payload, self.config.codec)))
             except TrajectoryError as error:
-                self._dead_letter(discard, entry_id, consumer, error, payload)
+                discards += self._dead_letter(bookkeeping, entry_id, consumer, error, payload)
         deliveries: list[Delivery] = []
         if candidates:
-            learner_version = self.staleness.version()
-            seen = self._client.smismember(self.keys.seen, [t.trajectory_id for _, t in candidates])
+            lookup = self._client.pipeline(transaction=False)
+            lookup.smismember(self.keys.seen, [t.trajectory_id for _, t in candidates])
+            lookup.get(self.keys.version)
+            seen, version = lookup.execute()
+            learner_version = int(version or 0)
             in_batch: set[str] = set()
             for (entry_id, trajectory), already_trained in zip(candidates, seen, strict=True):
                 if already_trained or trajectory.trajectory_id in in_batch:
-                    self._discard(discard, entry_id)
-                    discard.hincrby(self.keys.counters, "duplicates", 1)
+                    discards += [entry_id, "duplicates"]
                     metrics.DUPLICATES.inc()
                     continue
                 in_batch.add(trajectory.trajectory_id)
                 verdict = self.staleness.judge(trajectory.oldest_version(), learner_version)
-                if verdict.action != "train":
-                    self._count_stale(discard, verdict.action)
                 if verdict.action == "drop":
-                    self._discard(discard, entry_id)
-                    continue
-                deliveries.append(Delivery(entry_id, trajectory, source, verdict.staleness, verdict.weight))
-        if len(discard):
-            discard.execute()
+                    discards += [entry_id, "stale_drop"]
+                elif verdict.action == "downweight":
+                    bookkeeping.hincrby(self.keys.counters, "stale_downweight", 1)
+                if verdict.action != "train":
+                    metrics.STALE.labels(verdict.action).inc()
+                if verdict.action != "drop":
+                    deliveries.append(Delivery(entry_id, trajectory, source, verdict.staleness, verdict.weight))
+        if discards:
+            self._discard(keys=[self.keys.stream, self.keys.limiter, self.keys.counters], args=[GROUP, *discards],
+                          client=bookkeeping)
+        if len(bookkeeping):
+            bookkeeping.execute()
         metrics.DELIVERED.labels(source).inc(len(deliveries))
         return deliveries
 
-    def _discard(self, pipe: redis.client.Pipeline, entry_id: bytes) -> None:
-        pipe.xack(self.keys.stream, GROUP, entry_id)
-        pipe.xdel(self.keys.stream, entry_id)
-
     def _dead_letter(self, pipe: redis.client.Pipeline, entry_id: bytes, consumer: str, error: TrajectoryError,
-                     payload: bytes) -> None:
-        # Queued in the same MULTI as the ack: the entry is never acknowledged without its dead letter.
+                     payload: bytes) -> list:
+        """Queue the dead letter on `pipe`; returns the `_DISCARD` arguments that acknowledge and count the entry."""
         pipe.xadd(self.keys.dead_letters, {
             "source": entry_id, "field": error.field, "reason": str(error), "consumer": consumer,
             "payload": payload[:_DEAD_LETTER_PAYLOAD_BYTES], "payload_bytes": len(payload),
         }, maxlen=self.config.dead_letter_maxlen, approximate=True)
-        self._discard(pipe, entry_id)
-        pipe.hincrby(self.keys.counters, "dead_letters", 1)
         # The field can be any key a hostile payload invents: only schema names become label values.
         field = error.field.split("[")[0]
         metrics.DEAD_LETTERS.labels(field if field in _LABELLED_FIELDS else "unknown_field").inc()
-
-    def _count_stale(self, pipe: redis.client.Pipeline, action: str) -> None:
-        pipe.hincrby(self.keys.counters, f"stale_{action}", 1)
-        metrics.STALE.labels(action).inc()
+        return [entry_id, "dead_letters"]

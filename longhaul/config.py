@@ -65,7 +65,7 @@ class RateLimiterConfig(_Section):
     """Samples-per-insert limiter with Reverb's semantics, shared by every actor and the learner through Redis.
 
     `samples` counts trajectories handed to training (fresh or replayed), `inserts` counts appends. Sampling waits
-    until `min_size_to_sample` inserts; after that the two are held within `error_buffer` of
+    until `min_size_to_sample` inserts; with `error_buffer` set, the two are then held within `error_buffer` of
     `samples_per_insert` × inserts."""
 
     samples_per_insert: float = Field(default=1.0, gt=0)
@@ -74,12 +74,15 @@ class RateLimiterConfig(_Section):
     min_size_to_sample: int = Field(default=1, ge=1)
     """Inserts required before the first sample."""
 
-    error_buffer: float = Field(default=1e9, gt=0)
-    """Allowed deviation (in samples) from the target ratio. The default is effectively unlimited: with the
-    staleness admission rule already pacing actors, the ratio is opt-in."""
+    error_buffer: float | None = Field(default=None, gt=0)
+    """Allowed deviation (in samples) from the target ratio. None (the default) enforces no ratio: sampling only
+    waits for `min_size_to_sample` inserts, and appends are plain XADDs. The staleness admission rule already paces
+    the actors; set a value to hold the learner to `samples_per_insert` as well."""
 
     @model_validator(mode="after")
     def _error_buffer_admits_progress(self) -> RateLimiterConfig:
+        if self.error_buffer is None:
+            return self
         # An insert moves inserts×spi − samples up by spi, a sample moves it down by 1. If the window
         # [offset − error_buffer, offset + error_buffer] is narrower than spi + 1, some value of that difference
         # admits neither: every actor and the learner would then block until their timeouts, forever.

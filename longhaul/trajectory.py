@@ -36,6 +36,7 @@ _COUNT_FIELDS: Final = ("num_turns", "num_tool_calls")
 # Sampled logprobs are ≤ 0; bf16 rounding in the engine can push a near-certain token a hair above.
 _MAX_LOGPROB: Final = 1e-3
 _MAX_MAP_ENTRIES: Final = 256
+_NO_VERSION: Final = 2**32 - 1
 
 
 class TrajectoryError(ValueError):
@@ -84,8 +85,10 @@ class Trajectory:
 
     def oldest_version(self) -> int:
         """The oldest policy version that generated any token of this episode (-1 if it generated none)."""
-        generated = self.versions[self.loss_mask.astype(bool)]
-        return int(generated.min()) if len(generated) else -1
+        # Valid versions are -1 off the mask and >= 0 on it; read as uint32, -1 becomes the largest value, so one
+        # pass over a zero-copy view finds the minimum over generated tokens.
+        oldest = int(self.versions.view(np.uint32).min(initial=_NO_VERSION))
+        return -1 if oldest == _NO_VERSION else oldest
 
     def validate(self, limits: CodecConfig = CodecConfig()) -> None:
         """Raise `TrajectoryError` naming the first field that breaks the invariants above."""
@@ -107,6 +110,45 @@ class Trajectory:
         for name in ("loss_mask", "behavior_logprobs", "versions"):
             if len(getattr(self, name)) != n:
                 raise TrajectoryError(name, f"length {len(getattr(self, name))} != len(token_ids) {n}")
+        if not self._token_arrays_valid():
+            self._raise_token_array_error()
+        for name in _COUNT_FIELDS:
+            value = getattr(self, name)
+            if type(value) is not int or not 0 <= value <= 2**31 - 1:
+                raise TrajectoryError(name, f"must be a non-negative int32, got {value!r}")
+        offsets = self.turn_offsets
+        if len(offsets) != self.num_turns + 1:
+            raise TrajectoryError("turn_offsets", f"length {len(offsets)} != num_turns + 1 = {self.num_turns + 1}")
+        if offsets[-1] != n:
+            raise TrajectoryError("turn_offsets", f"last offset {int(offsets[-1])} != len(token_ids) {n}")
+        if np.any(offsets[1:] < offsets[:-1]):
+            raise TrajectoryError("turn_offsets", "must be non-decreasing")
+        if type(self.reward) is not float or not math.isfinite(self.reward):
+            raise TrajectoryError("reward", f"must be a finite float, got {self.reward!r}")
+        if type(self.finish_reason) is not str or self.finish_reason not in FINISH_REASONS:
+            raise TrajectoryError("finish_reason", f"{self.finish_reason!r} is not one of {sorted(FINISH_REASONS)}")
+        for name in _FLOAT_MAP_FIELDS:
+            _check_float_map(name, getattr(self, name), limits)
+
+
+    def _token_arrays_valid(self) -> bool:
+        """The mask/logprob/version invariants in a few whole-array passes and no boolean indexing: this runs on
+        every encode and decode, so it is the codec's hot path. `_raise_token_array_error` names the field."""
+        mask, logprobs, versions = self.loss_mask, self.behavior_logprobs, self.versions
+        if len(mask) == 0:
+            return True
+        if mask.max() > 1:
+            return False
+        generated = mask.view(np.bool_)  # zero-copy: every byte is now 0 or 1
+        # min/max propagate NaN, and catch ±inf and positive logprobs, in two passes.
+        low, high = logprobs.min(), logprobs.max()
+        if not (math.isfinite(low) and math.isfinite(high)) or high > _MAX_LOGPROB:
+            return False
+        if np.any((logprobs != 0) > generated):  # a nonzero logprob off the mask
+            return False
+        return versions.min() >= -1 and np.array_equal(versions >= 0, generated)
+
+    def _raise_token_array_error(self) -> None:
         generated = self.loss_mask == 1
         if not np.all(generated | (self.loss_mask == 0)):
             raise TrajectoryError("loss_mask", "values must be 0 or 1")
@@ -121,23 +163,7 @@ class Trajectory:
             raise TrajectoryError("versions", "must be >= 0 on generated tokens")
         if np.any(self.versions[~generated] != -1):
             raise TrajectoryError("versions", "must be -1 where loss_mask is 0")
-        for name in _COUNT_FIELDS:
-            value = getattr(self, name)
-            if type(value) is not int or not 0 <= value <= 2**31 - 1:
-                raise TrajectoryError(name, f"must be a non-negative int32, got {value!r}")
-        offsets = self.turn_offsets
-        if len(offsets) != self.num_turns + 1:
-            raise TrajectoryError("turn_offsets", f"length {len(offsets)} != num_turns + 1 = {self.num_turns + 1}")
-        if offsets[-1] != n:
-            raise TrajectoryError("turn_offsets", f"last offset {int(offsets[-1])} != len(token_ids) {n}")
-        if np.any(np.diff(offsets.astype(np.int64)) < 0):
-            raise TrajectoryError("turn_offsets", "must be non-decreasing")
-        if type(self.reward) is not float or not math.isfinite(self.reward):
-            raise TrajectoryError("reward", f"must be a finite float, got {self.reward!r}")
-        if type(self.finish_reason) is not str or self.finish_reason not in FINISH_REASONS:
-            raise TrajectoryError("finish_reason", f"{self.finish_reason!r} is not one of {sorted(FINISH_REASONS)}")
-        for name in _FLOAT_MAP_FIELDS:
-            _check_float_map(name, getattr(self, name), limits)
+        raise AssertionError("_token_arrays_valid and _raise_token_array_error disagree")  # a bug in this file
 
 
 def _check_string(name: str, value: Any, limits: CodecConfig) -> None:

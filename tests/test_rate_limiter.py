@@ -26,7 +26,7 @@ from pydantic import ValidationError
 
 from longhaul.buffer.rate_limiter import LimiterState, RateLimiter, RateLimiterTimeout
 from longhaul.buffer.redis_server import EmbeddedRedis, connect
-from longhaul.config import BufferConfig, RateLimiterConfig
+from longhaul.config import BufferConfig, HistoryConfig, RateLimiterConfig, StalenessConfig
 from longhaul.synthetic import synthetic_trajectory
 
 # "Still blocked" is asserted with a short wait, "unblocked" with a long one: a slow machine can only make the
@@ -45,7 +45,7 @@ def keys(run_name: str) -> tuple[str, str]:
 @pytest.fixture
 def make_limiter(redis_client: redis.Redis, keys: tuple[str, str]) -> Callable[..., RateLimiter]:
     def make(**config) -> RateLimiter:
-        return RateLimiter(redis_client, keys[0], RateLimiterConfig(**config))
+        return RateLimiter(redis_client, keys[0], keys[1], RateLimiterConfig(**config))
 
     return make
 
@@ -135,15 +135,15 @@ SPI_HALF_MIN_2_BUFFER_1 = [  # offset 1, d held in [0, 2]: two inserts pay for o
 def test_steps_through_the_ratio_window(make_limiter, keys, config, table):
     limiter = make_limiter(**config)
     for step, (op, expected, inserts, samples) in enumerate(table):
-        answer = limiter.try_insert(keys[1], PAYLOAD) is not None if op == "insert" else limiter.try_sample(op[1])
+        answer = limiter.try_insert(PAYLOAD) is not None if op == "insert" else limiter.try_sample(op[1])
         assert (answer, limiter.state()) == (expected, LimiterState(inserts, samples)), f"step {step}: {op}"
 
 
 def test_insert_appends_to_the_stream_only_when_allowed(make_limiter, redis_client, keys):
     limiter = make_limiter(samples_per_insert=1, min_size_to_sample=1, error_buffer=1)  # d in [0, 2]
-    first = limiter.try_insert(keys[1], {"t": b"a"})
-    second = limiter.try_insert(keys[1], {"t": b"b"})
-    assert limiter.try_insert(keys[1], {"t": b"c"}) is None  # d would be 3
+    first = limiter.try_insert({"t": b"a"})
+    second = limiter.try_insert({"t": b"b"})
+    assert limiter.try_insert({"t": b"c"}) is None  # d would be 3
     assert [(eid, f) for eid, f in redis_client.xrange(keys[1])] == [(first, {b"t": b"a"}), (second, {b"t": b"b"})]
     assert limiter.state() == LimiterState(2, 0)
 
@@ -164,10 +164,10 @@ def test_blocks_samples_until_min_size_reached(make_limiter, keys):
             limiter.sample(1, timeout_s=0.05)
         assert limiter.state() == LimiterState(inserts, 0)
         if inserts < 2:
-            limiter.insert(keys[1], PAYLOAD, timeout_s=0)
+            limiter.insert(PAYLOAD, timeout_s=0)
     sampler = Blocked(lambda: limiter.sample(5, timeout_s=UNBLOCKED_S))
     assert sampler.still_blocked()  # 2 inserts, min_size 3
-    limiter.insert(keys[1], PAYLOAD, timeout_s=0)  # the min_size-th insert
+    limiter.insert(PAYLOAD, timeout_s=0)  # the min_size-th insert
     assert sampler.unblocked()
     assert sampler.result == 5  # d was 3 (offset 3), min_diff -7: all five granted
     assert limiter.state() == LimiterState(3, 5)
@@ -177,7 +177,7 @@ def test_blocks_sample_with_no_timeout_until_an_insert(make_limiter, keys):
     limiter = make_limiter(samples_per_insert=1, min_size_to_sample=1, error_buffer=1)
     sampler = Blocked(lambda: limiter.sample(3, timeout_s=None))
     assert sampler.still_blocked()
-    limiter.insert(keys[1], PAYLOAD, timeout_s=0)  # d=1, min_diff 0: one sample
+    limiter.insert(PAYLOAD, timeout_s=0)  # d=1, min_diff 0: one sample
     assert sampler.unblocked()
     assert (sampler.result, limiter.state()) == (1, LimiterState(1, 1))
 
@@ -185,11 +185,11 @@ def test_blocks_sample_with_no_timeout_until_an_insert(make_limiter, keys):
 def test_blocks_inserts_when_ahead_of_samples(make_limiter, redis_client, keys):
     limiter = make_limiter(samples_per_insert=1, min_size_to_sample=2, error_buffer=2)  # offset 2, d in [0, 4]
     for _ in range(4):
-        limiter.insert(keys[1], PAYLOAD, timeout_s=0)
+        limiter.insert(PAYLOAD, timeout_s=0)
     assert diff(limiter) == 4  # at max_diff
     with pytest.raises(RateLimiterTimeout):
-        limiter.insert(keys[1], PAYLOAD, timeout_s=0.05)
-    inserter = Blocked(lambda: limiter.insert(keys[1], PAYLOAD, timeout_s=UNBLOCKED_S))
+        limiter.insert(PAYLOAD, timeout_s=0.05)
+    inserter = Blocked(lambda: limiter.insert(PAYLOAD, timeout_s=UNBLOCKED_S))
     assert inserter.still_blocked()
     assert redis_client.xlen(keys[1]) == 4  # the blocked insert appended nothing
     assert limiter.try_sample(1) == 1  # d=3: room for one insert
@@ -230,7 +230,7 @@ def test_store_read_charges_only_what_it_delivers(make_store):
 
 def test_sample_timeout_fires_on_time_and_names_side_and_counters(make_limiter, keys):
     limiter = make_limiter(samples_per_insert=1, min_size_to_sample=2, error_buffer=3)
-    limiter.insert(keys[1], PAYLOAD, timeout_s=0)
+    limiter.insert(PAYLOAD, timeout_s=0)
     before = timeouts_counted("sample")
     start = time.monotonic()
     with pytest.raises(RateLimiterTimeout) as raised:
@@ -247,14 +247,14 @@ def test_sample_timeout_fires_on_time_and_names_side_and_counters(make_limiter, 
 
 def test_insert_timeout_fires_on_time_and_names_side_and_counters(make_limiter, keys):
     limiter = make_limiter(samples_per_insert=1, min_size_to_sample=1, error_buffer=1)  # d in [0, 2]
-    limiter.insert(keys[1], PAYLOAD, timeout_s=0)
-    limiter.insert(keys[1], PAYLOAD, timeout_s=0)
+    limiter.insert(PAYLOAD, timeout_s=0)
+    limiter.insert(PAYLOAD, timeout_s=0)
     limiter.try_sample(1)
-    limiter.insert(keys[1], PAYLOAD, timeout_s=0)  # inserts=3 samples=1, d=2
+    limiter.insert(PAYLOAD, timeout_s=0)  # inserts=3 samples=1, d=2
     before = timeouts_counted("insert")
     start = time.monotonic()
     with pytest.raises(RateLimiterTimeout) as raised:
-        limiter.insert(keys[1], PAYLOAD, timeout_s=0.3)
+        limiter.insert(PAYLOAD, timeout_s=0.3)
     waited = time.monotonic() - start
     assert 0.3 <= waited < 0.3 + 2.0
     message = str(raised.value)
@@ -278,7 +278,7 @@ def test_zero_timeout_tries_once_and_raises(make_limiter):
 
 def test_return_samples_gives_back_granted_but_unused_samples(make_limiter, keys):
     limiter = make_limiter(samples_per_insert=1, min_size_to_sample=1, error_buffer=3)  # offset 1, d in [-2, 4]
-    limiter.insert(keys[1], PAYLOAD, timeout_s=0)
+    limiter.insert(PAYLOAD, timeout_s=0)
     assert limiter.try_sample(10) == 3                     # d: 1 → -2
     assert limiter.try_sample(1) == 0
     assert limiter.return_samples(2) == 2                  # two of the three went unused: d=0
@@ -294,10 +294,10 @@ def test_return_samples_never_pushes_d_above_max_diff(make_limiter, keys):
     This is the interleaving `TrajectoryStore.read` produces when an actor appends between the grant and the
     XREADGROUP that comes back with fewer entries than granted."""
     limiter = make_limiter(samples_per_insert=1, min_size_to_sample=1, error_buffer=1)  # offset 1, d in [0, 2]
-    limiter.insert(keys[1], PAYLOAD, timeout_s=0)          # d=1
-    limiter.insert(keys[1], PAYLOAD, timeout_s=0)          # d=2=max_diff
+    limiter.insert(PAYLOAD, timeout_s=0)          # d=1
+    limiter.insert(PAYLOAD, timeout_s=0)          # d=2=max_diff
     assert limiter.try_sample(1) == 1                      # d=1 (a reader is granted one sample)
-    limiter.insert(keys[1], PAYLOAD, timeout_s=0)          # d=2 (an actor takes the room)
+    limiter.insert(PAYLOAD, timeout_s=0)          # d=2 (an actor takes the room)
     assert limiter.return_samples(1) == 0                  # the reader found nothing: the room is gone, d=2
     assert limiter.state() == LimiterState(3, 1)
 
@@ -323,9 +323,9 @@ def test_config_error_buffer_is_checked_inside_a_buffer_config():
 def test_too_narrow_window_deadlocks_which_is_why_config_rejects_it(redis_client, keys):
     """The rejected config, built anyway: one insert lands d where neither side may move."""
     narrow = RateLimiterConfig.model_construct(samples_per_insert=1.5, min_size_to_sample=1, error_buffer=0.9)
-    limiter = RateLimiter(redis_client, keys[0], narrow)   # offset 1.5, d in [0.6, 2.4]
-    limiter.insert(keys[1], PAYLOAD, timeout_s=0)          # d=1.5
-    assert limiter.try_insert(keys[1], PAYLOAD) is None    # d would be 3.0
+    limiter = RateLimiter(redis_client, keys[0], keys[1], narrow)   # offset 1.5, d in [0.6, 2.4]
+    limiter.insert(PAYLOAD, timeout_s=0)          # d=1.5
+    assert limiter.try_insert(PAYLOAD) is None    # d would be 3.0
     assert limiter.try_sample(1) == 0                      # d would be 0.5
     with pytest.raises(ValidationError):
         RateLimiterConfig(samples_per_insert=1.5, min_size_to_sample=1, error_buffer=0.9)
@@ -345,13 +345,14 @@ def test_every_decision_is_the_greediest_one_that_keeps_the_window(redis_server,
     try:
         config = RateLimiterConfig(samples_per_insert=spi, min_size_to_sample=min_size,
                                    error_buffer=(spi + 1) / 2 + slack / 4)
-        limiter = RateLimiter(client, f"longhaul:{{prop-{uuid.uuid4().hex[:12]}}}:limiter", config)
-        stream = limiter.key.replace(":limiter", ":stream")
+        key = f"longhaul:{{prop-{uuid.uuid4().hex[:12]}}}:limiter"
+        stream = key.replace(":limiter", ":stream")
+        limiter = RateLimiter(client, key, stream, config)
         state = LimiterState(0, 0)
         for op in ops:
             d = diff(limiter, state)
             if op == 0:
-                allowed = limiter.try_insert(stream, PAYLOAD) is not None
+                allowed = limiter.try_insert(PAYLOAD) is not None
                 # Allowed exactly when below min_size, or when the insert keeps d <= max_diff.
                 assert allowed == (state.inserts < min_size or d + spi <= limiter.max_diff)
                 expected = LimiterState(state.inserts + allowed, state.samples)
@@ -393,14 +394,14 @@ class Tally:
 def _inserter(url: str, config: RateLimiterConfig, key: str, stream: str, rng: random.Random,
               stop: threading.Event, tally: Tally) -> None:
     client = connect(url)
-    limiter = RateLimiter(client, key, config)
+    limiter = RateLimiter(client, key, stream, config)
     try:
         while not stop.is_set():
             time.sleep(rng.uniform(0, 0.004))
             timeout = rng.choice([0.0, 0.005, 0.02, 0.1])
             start = time.monotonic()
             try:
-                limiter.insert(stream, PAYLOAD, timeout_s=timeout)
+                limiter.insert(PAYLOAD, timeout_s=timeout)
                 with tally.lock:
                     tally.inserts += 1
             except RateLimiterTimeout:
@@ -415,10 +416,10 @@ def _inserter(url: str, config: RateLimiterConfig, key: str, stream: str, rng: r
         client.close()
 
 
-def _sampler(url: str, config: RateLimiterConfig, key: str, rng: random.Random, stop: threading.Event,
-             tally: Tally, returns: bool) -> None:
+def _sampler(url: str, config: RateLimiterConfig, key: str, stream: str, rng: random.Random,
+             stop: threading.Event, tally: Tally, returns: bool) -> None:
     client = connect(url)
-    limiter = RateLimiter(client, key, config)
+    limiter = RateLimiter(client, key, stream, config)
     try:
         while not stop.is_set():
             time.sleep(rng.uniform(0, 0.004))
@@ -478,14 +479,14 @@ def test_many_threads_keep_the_counter_in_bounds(redis_server: EmbeddedRedis, re
     tally = Tally()
     violations: list[tuple[LimiterState, str]] = []
     observed = [0]
-    limiter = RateLimiter(redis_client, keys[0], config)
+    limiter = RateLimiter(redis_client, keys[0], keys[1], config)
     workers = [
         threading.Thread(target=_inserter, args=(redis_server.url, config, *keys, random.Random(seed + i), stop,
                                                  tally), daemon=True)
         for i in range(8)
     ] + [
-        threading.Thread(target=_sampler, args=(redis_server.url, config, keys[0], random.Random(seed + 100 + i),
-                                                stop, tally, returns), daemon=True)
+        threading.Thread(target=_sampler, args=(redis_server.url, config, keys[0], keys[1],
+                                                random.Random(seed + 100 + i), stop, tally, returns), daemon=True)
         for i in range(8)
     ]
     monitor = threading.Thread(target=_monitor, args=(limiter, halt_monitor, violations, observed), daemon=True)
@@ -511,3 +512,35 @@ def test_many_threads_keep_the_counter_in_bounds(redis_server: EmbeddedRedis, re
     assert final.samples == tally.granted - tally.returned
     assert final.inserts > config.min_size_to_sample and final.samples > 0  # both sides made progress
     assert tally.insert_timeouts + tally.sample_timeouts > 0  # and the timeouts fired on the blocked side
+
+
+def test_inserts_count_every_append_even_after_the_store_deletes_entries(make_store):
+    """inserts is derived (entries in the stream + entries the store deleted): committed, duplicate, stale-dropped
+    and dead-lettered entries all leave the stream, and none of them may shrink the count."""
+    store = make_store(history=HistoryConfig(rounds=0),
+                       staleness=StalenessConfig(max_staleness=2),
+                       rate_limiter=RateLimiterConfig(samples_per_insert=1, min_size_to_sample=1, error_buffer=100))
+    store.staleness.publish_version(5)
+    fresh = synthetic_trajectory(1, turns=4, tokens=200, version=5)
+    store.append(fresh)
+    store.append(fresh)                                                    # a duplicate
+    store.append(synthetic_trajectory(2, turns=4, tokens=200, version=1))  # over-stale: dropped at read
+    store.rate_limiter.try_insert({b"t": b"not msgpack"})                  # dead letter
+    assert store.rate_limiter.state().inserts == 4
+    deliveries = store.read("learner", 4, block_ms=100)
+    store.commit("learner", 1, deliveries)
+    stats = store.stats()
+    assert (stats.stream_length, stats.counters["committed"], stats.counters["duplicates"],
+            stats.counters["stale_drop"], stats.counters["dead_letters"]) == (0, 1, 1, 1, 1)
+    assert store.rate_limiter.state() == LimiterState(inserts=4, samples=1)
+
+
+def test_without_a_ratio_appends_never_wait_and_samples_wait_only_for_min_size(make_store):
+    store = make_store(rate_limiter=RateLimiterConfig(min_size_to_sample=3))
+    assert not store.rate_limiter.enforces_ratio
+    for seed in range(2):
+        store.append(synthetic_trajectory(seed, turns=4, tokens=200), timeout_s=0)
+    assert store.read("learner", 8, block_ms=50) == []                     # 2 < min_size_to_sample
+    for seed in range(2, 50):
+        store.append(synthetic_trajectory(seed, turns=4, tokens=200), timeout_s=0)  # never refused
+    assert len(store.read("learner", 64, block_ms=100)) == 50
