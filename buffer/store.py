@@ -17,6 +17,7 @@ trajectory cannot be dropped. Delivery is at-least-once; the seen-set makes a re
 
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import dataclass, fields
 from typing import Literal
@@ -27,7 +28,7 @@ from longhaul.buffer import metrics
 from longhaul.buffer.rate_limiter import RateLimiter, RateLimiterTimeout
 from longhaul.buffer.staleness import StalenessGate
 from longhaul.config import BufferConfig
-from longhaul.trajectory import Trajectory, TrajectoryError, decode_trajectory, encode_trajectory
+from longhaul.trajectory import Trajectory, TrajectoryEncoder, TrajectoryError, decode_trajectory
 
 GROUP = "learner"
 PAYLOAD_FIELD = b"t"
@@ -209,6 +210,7 @@ class TrajectoryStore:
         self.keys = RunKeys(run_name)
         self.rate_limiter = RateLimiter(client, self.keys.limiter, self.keys.stream, config.rate_limiter)
         self.staleness = StalenessGate(client, self.keys.version, self.keys.counters, config.staleness)
+        self._thread_local = threading.local()  # a TrajectoryEncoder per appending thread
         self._commit = client.register_script(_COMMIT)
         self._discard = client.register_script(_DISCARD)
         try:
@@ -221,17 +223,28 @@ class TrajectoryStore:
     # ---- actor side -------------------------------------------------------------------------------------------
 
     def append(self, trajectory: Trajectory, timeout_s: float | None = None) -> bytes:
-        """Validate, encode and append one trajectory; returns its entry id once Redis has it.
+        """Encode and append one trajectory; returns its entry id once Redis has it.
 
         Waits for the rate limiter up to `timeout_s` (None: forever) and raises `RateLimiterTimeout` after that;
-        raises `TrajectoryError` for a trajectory that breaks the schema (nothing is appended then)."""
+        raises `TrajectoryError` for a trajectory that cannot be encoded (nothing is appended then). Per-token
+        values are checked by the reader, which dead-letters a violation with the field named."""
         start = time.perf_counter()
-        payload = encode_trajectory(trajectory, self.config.codec)
-        entry_id = self.rate_limiter.insert({PAYLOAD_FIELD: payload}, timeout_s)
+        payload = self._encoder().encode(trajectory)
+        try:
+            entry_id = self.rate_limiter.insert({PAYLOAD_FIELD: payload}, timeout_s)
+        finally:
+            size = len(payload)
+            payload.release()  # the encoder's buffer is reused by the next append
         metrics.APPENDED.inc()
-        metrics.APPENDED_BYTES.inc(len(payload))
+        metrics.APPENDED_BYTES.inc(size)
         metrics.OP_SECONDS.labels("append").observe(time.perf_counter() - start)
         return entry_id
+
+    def _encoder(self) -> TrajectoryEncoder:
+        encoder = getattr(self._thread_local, "encoder", None)
+        if encoder is None:
+            encoder = self._thread_local.encoder = TrajectoryEncoder(self.config.codec)
+        return encoder
 
     # ---- learner side -----------------------------------------------------------------------------------------
 

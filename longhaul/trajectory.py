@@ -1,7 +1,7 @@
 """The Trajectory: one episode of one task, the unit that crosses actor → Redis → learner.
 
-The wire form is msgpack. Each array travels as `[dtype, length, raw little-endian bytes]`; msgpack hands each
-array's bytes over once and `numpy.frombuffer` maps them without another copy (no per-element work, no pickle).
+The wire form is msgpack. Each array travels as `[dtype, length, raw little-endian bytes]` and decodes as a
+`numpy.frombuffer` view into the payload: no copy, no per-element work, no pickle.
 `decode_trajectory` trusts nothing: every field is checked, and any defect raises `TrajectoryError` naming the
 field. The same schema is written as IDL in
 `proto/longhaul/v1/trajectory.proto`; a test keeps the two in step.
@@ -10,10 +10,12 @@ field. The same schema is written as IDL in
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field, fields
 from typing import Any, Final
 
 import msgpack
+import msgspec
 import numpy as np
 
 from longhaul.config import CodecConfig
@@ -90,8 +92,11 @@ class Trajectory:
         oldest = int(self.versions.view(np.uint32).min(initial=_NO_VERSION))
         return -1 if oldest == _NO_VERSION else oldest
 
-    def validate(self, limits: CodecConfig = CodecConfig()) -> None:
-        """Raise `TrajectoryError` naming the first field that breaks the invariants above."""
+    def validate(self, limits: CodecConfig = CodecConfig(), *, per_token: bool = True) -> None:
+        """Raise `TrajectoryError` naming the first field that breaks the invariants above.
+
+        `per_token=False` skips the mask/logprob/version values, the one check that costs O(tokens): the writers use
+        it, because the reader checks every payload in full anyway and the check would otherwise run twice."""
         if type(self.schema_version) is not int or self.schema_version != SCHEMA_VERSION:
             raise TrajectoryError(
                 "schema_version", f"unsupported version {self.schema_version!r}; this build reads {SCHEMA_VERSION}"
@@ -110,7 +115,7 @@ class Trajectory:
         for name in ("loss_mask", "behavior_logprobs", "versions"):
             if len(getattr(self, name)) != n:
                 raise TrajectoryError(name, f"length {len(getattr(self, name))} != len(token_ids) {n}")
-        if not self._token_arrays_valid():
+        if per_token and not self._token_arrays_valid():
             self._raise_token_array_error()
         for name in _COUNT_FIELDS:
             value = getattr(self, name)
@@ -194,8 +199,34 @@ _FIELD_NAMES: Final = frozenset(_FIELD_ORDER)
 
 
 def encode_trajectory(trajectory: Trajectory, limits: CodecConfig = CodecConfig()) -> bytes:
-    """Validate `trajectory` and return its msgpack wire form. Raises `TrajectoryError` on a schema violation."""
-    trajectory.validate(limits)
+    """Return the msgpack wire form of `trajectory`: always a well-formed document.
+
+    Raises `TrajectoryError` for anything that would make it malformed (types, dtypes, lengths, offsets, strings,
+    sizes). The per-token values (`validate(per_token=True)`) are the reader's to check: `decode_trajectory` checks
+    everything, since it cannot trust any writer, and checking here too would double the cost of the hot path."""
+    trajectory.validate(limits, per_token=False)
+    return _checked_size(msgpack.packb(_wire_record(trajectory), use_bin_type=True), limits)
+
+
+class TrajectoryEncoder:
+    """`encode_trajectory` into one buffer reused across calls, for producers on the hot path.
+
+    A fresh payload per trajectory costs an allocation of its full size, which the allocator serves by mapping new
+    pages and faulting them in; reusing the buffer skips that and one copy. The returned view is valid until the next
+    `encode`. Not thread-safe: one encoder per producing thread."""
+
+    def __init__(self, limits: CodecConfig = CodecConfig()):
+        self.limits = limits
+        self._packer = msgpack.Packer(use_bin_type=True, autoreset=False)
+
+    def encode(self, trajectory: Trajectory) -> memoryview:
+        trajectory.validate(self.limits, per_token=False)
+        self._packer.reset()
+        self._packer.pack(_wire_record(trajectory))
+        return _checked_size(self._packer.getbuffer(), self.limits)
+
+
+def _wire_record(trajectory: Trajectory) -> dict[str, Any]:
     record: dict[str, Any] = {}
     for name in _FIELD_ORDER:
         value = getattr(trajectory, name)
@@ -204,45 +235,70 @@ def encode_trajectory(trajectory: Trajectory, limits: CodecConfig = CodecConfig(
             array = np.ascontiguousarray(value)
             value = [array.dtype.str, len(array), memoryview(array).cast("B")]
         record[name] = value
-    payload = msgpack.packb(record, use_bin_type=True)
+    return record
+
+
+def _checked_size(payload: bytes | memoryview, limits: CodecConfig) -> bytes | memoryview:
     if len(payload) > limits.max_payload_bytes:
         raise TrajectoryError("payload", f"{len(payload)} bytes exceeds max_payload_bytes={limits.max_payload_bytes}")
     return payload
 
 
+class _WireVersion(msgspec.Struct):
+    """Just the schema version: read first, so a payload from a newer writer is refused for what it is."""
+
+    schema_version: Any = None
+
+
+_WireArray = tuple[str, int, memoryview]
+
+
+class _WireTrajectory(msgspec.Struct, forbid_unknown_fields=True):
+    """The msgpack document's shape, for the typed decoder. `memoryview` makes msgspec hand out each array's bytes as
+    a view into the payload, so the arrays below are never copied."""
+
+    trajectory_id: str
+    task_id: str
+    group_id: str
+    actor_id: str
+    env: str
+    token_ids: _WireArray
+    loss_mask: _WireArray
+    behavior_logprobs: _WireArray
+    versions: _WireArray
+    turn_offsets: _WireArray
+    reward: float
+    num_turns: int
+    num_tool_calls: int
+    finish_reason: str
+    reward_parts: dict[str, float]
+    timings: dict[str, float]
+    schema_version: int
+
+
+_VERSION_DECODER: Final = msgspec.msgpack.Decoder(_WireVersion)
+_WIRE_DECODER: Final = msgspec.msgpack.Decoder(_WireTrajectory)
+# msgspec names the offending field as "`$.name...`" (a wrong type, also "at `key` in `$.name`" for a map key) or
+# "field `name`" (missing or unknown).
+_ERROR_FIELD: Final = re.compile(r"`\$\.(\w+)|field `([^`]+)`")
+
+
 def decode_trajectory(payload: bytes, limits: CodecConfig = CodecConfig()) -> Trajectory:
-    """Parse and validate a wire payload. Raises `TrajectoryError` (and nothing else) for any defect."""
+    """Parse and validate a wire payload. Raises `TrajectoryError` (and nothing else) for any defect.
+
+    The arrays of the returned trajectory are read-only views into `payload`."""
     if not isinstance(payload, bytes | bytearray | memoryview):
         raise TrajectoryError("payload", f"must be bytes, got {type(payload).__name__}")
     if len(payload) > limits.max_payload_bytes:
         raise TrajectoryError("payload", f"{len(payload)} bytes exceeds max_payload_bytes={limits.max_payload_bytes}")
-    try:
-        record = msgpack.unpackb(
-            payload,
-            raw=False,
-            use_list=True,
-            strict_map_key=True,
-            # Bound every container so a hostile length prefix cannot make the unpacker allocate gigabytes.
-            max_str_len=limits.max_string_bytes,
-            max_bin_len=limits.max_payload_bytes,
-            max_array_len=1024,
-            max_map_len=1024,
-            max_ext_len=0,
-        )
-    except (ValueError, TypeError, msgpack.UnpackException, RecursionError) as exc:
-        raise TrajectoryError("payload", f"not a valid msgpack document: {type(exc).__name__}: {exc}") from exc
-    if type(record) is not dict:
-        raise TrajectoryError("payload", f"top level must be a map, got {type(record).__name__}")
-    unknown = record.keys() - _FIELD_NAMES
-    if unknown:
-        raise TrajectoryError(str(sorted(map(str, unknown))[0]), "unknown field")
-    missing = _FIELD_NAMES - record.keys()
-    if missing:
-        raise TrajectoryError(sorted(missing)[0], "missing")
-    if type(record["schema_version"]) is not int or record["schema_version"] != SCHEMA_VERSION:
-        raise TrajectoryError(
-            "schema_version", f"unsupported version {record['schema_version']!r:.40}; this build reads {SCHEMA_VERSION}"
-        )
+    # The encoder is msgpack-python; the decoder is msgspec, which reads the same format but can return `bin` fields
+    # as views of the input (msgpack-python copies each array out) and checks every type in C on the way.
+    version = _decode_wire(_VERSION_DECODER, payload).schema_version
+    if type(version) is not int or version != SCHEMA_VERSION:
+        raise TrajectoryError("schema_version", f"unsupported version {version!r:.40}; this build reads "
+                                                f"{SCHEMA_VERSION}")
+    wire = _decode_wire(_WIRE_DECODER, payload)
+    record = {name: getattr(wire, name) for name in _FIELD_ORDER}
     for name, dtype in ARRAY_DTYPES.items():
         record[name] = _decode_array(name, record[name], dtype)
     trajectory = Trajectory(**record)
@@ -250,16 +306,22 @@ def decode_trajectory(payload: bytes, limits: CodecConfig = CodecConfig()) -> Tr
     return trajectory
 
 
-def _decode_array(name: str, wire: Any, dtype: np.dtype) -> np.ndarray:
-    if type(wire) is not list or len(wire) != 3:
-        raise TrajectoryError(name, "must be [dtype, length, bytes]")
+def _decode_wire(decoder: msgspec.msgpack.Decoder, payload: bytes) -> Any:
+    try:
+        return decoder.decode(payload)
+    except msgspec.ValidationError as exc:
+        match = _ERROR_FIELD.search(str(exc))
+        raise TrajectoryError(next(filter(None, match.groups())) if match else "payload", str(exc)) from None
+    except (msgspec.DecodeError, UnicodeDecodeError) as exc:  # msgspec lets invalid UTF-8 in a str escape as is
+        raise TrajectoryError("payload", f"not a valid msgpack document: {exc}") from None
+
+
+def _decode_array(name: str, wire: _WireArray, dtype: np.dtype) -> np.ndarray:
     dtype_str, length, data = wire
     if dtype_str != dtype.str:
         raise TrajectoryError(name, f"dtype must be {dtype.str}, got {dtype_str!r:.40}")
-    if type(length) is not int or length < 0:
-        raise TrajectoryError(name, f"length must be a non-negative int, got {length!r:.40}")
-    if type(data) is not bytes:
-        raise TrajectoryError(name, f"data must be bytes, got {type(data).__name__}")
+    if length < 0:
+        raise TrajectoryError(name, f"length must be non-negative, got {length}")
     if len(data) != length * dtype.itemsize:
         raise TrajectoryError(name, f"{len(data)} bytes for {length} elements of {dtype.str}")
     return np.frombuffer(data, dtype=dtype)

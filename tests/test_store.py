@@ -105,6 +105,19 @@ def test_append_refuses_an_invalid_trajectory_and_appends_nothing(make_store):
     assert store.stats().stream_length == 0
 
 
+def test_a_per_token_violation_is_dead_lettered_by_the_reader_with_the_field_named(make_store):
+    store = make_store()
+    broken = synthetic_trajectory(1, turns=4, tokens=200)
+    generated = np.flatnonzero(broken.loss_mask)[0]
+    broken.behavior_logprobs = broken.behavior_logprobs.copy()
+    broken.behavior_logprobs[generated] = 0.5  # a positive log-probability: a sampler bug upstream
+    store.append(broken)
+    store.append(synthetic_trajectory(2, turns=4, tokens=200))
+    assert [d.trajectory.trajectory_id for d in store.read("learner", 2, block_ms=100)] == ["traj-2"]
+    [letter] = store.dead_letters()
+    assert (letter.field, letter.reason) == ("behavior_logprobs", "behavior_logprobs: a log-probability is positive")
+
+
 def _corrupt(payload: bytes, data: st.DataObject) -> bytes:
     kind = data.draw(st.sampled_from(["flip", "truncate", "splice", "garbage"]))
     if kind == "flip":

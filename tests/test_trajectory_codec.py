@@ -83,13 +83,14 @@ def test_synthetic_trajectory_round_trips_exactly(seed: int, turns: int, tokens:
     assert_identical(decoded, original)
 
 
-def test_decoded_arrays_are_read_only_views_over_the_wire_bytes_not_copies() -> None:
+def test_decoded_arrays_are_read_only_views_into_the_payload_itself() -> None:
     decoded = decode_trajectory(REALISTIC_PAYLOAD)
+    payload_bytes = np.frombuffer(REALISTIC_PAYLOAD, dtype=np.uint8)
 
     for name in ARRAY_DTYPES:
         array = getattr(decoded, name)
         assert not array.flags.owndata, name
-        assert type(array.base) is bytes, name  # numpy.frombuffer over the bin value msgpack produced
+        assert np.shares_memory(array, payload_bytes), name  # no copy at all: a window on the received bytes
         assert not array.flags.writeable, name
         with pytest.raises(ValueError, match="read-only"):
             array[0] = array[0]
@@ -218,15 +219,6 @@ ENCODE_VIOLATIONS = [
     pytest.param(lambda t: dataclasses.replace(t, token_ids=t.token_ids.tolist()), "token_ids", id="token_ids list"),
     pytest.param(lambda t: dataclasses.replace(t, token_ids=t.token_ids.reshape(2, -1)), "token_ids",
                  id="token_ids 2-d"),
-    # mask, logprob and version invariants
-    pytest.param(edited("loss_mask", GEN, 2), "loss_mask", id="mask value 2"),
-    pytest.param(edited("behavior_logprobs", GEN, 0.5), "behavior_logprobs", id="positive logprob generated"),
-    pytest.param(edited("behavior_logprobs", GEN, 2e-3), "behavior_logprobs", id="logprob past bf16 tolerance"),
-    pytest.param(edited("behavior_logprobs", GEN, np.nan), "behavior_logprobs", id="NaN logprob"),
-    pytest.param(edited("behavior_logprobs", GEN, -np.inf), "behavior_logprobs", id="-inf logprob"),
-    pytest.param(edited("behavior_logprobs", OBS, -0.5), "behavior_logprobs", id="nonzero logprob where mask 0"),
-    pytest.param(edited("versions", GEN, -1), "versions", id="version -1 on generated token"),
-    pytest.param(edited("versions", OBS, 0), "versions", id="version 0 where mask 0"),
     # scalars
     pytest.param(replaced(reward=math.nan), "reward", id="NaN reward"),
     pytest.param(replaced(reward=math.inf), "reward", id="inf reward"),
@@ -284,6 +276,37 @@ def test_encode_refuses_an_invalid_trajectory_naming_the_field(
         encode_trajectory(bad)
 
     assert info.value.field == field
+
+
+# Per-token invariants of the mask, logprobs and versions: O(tokens) to check, so checked where trust is needed.
+PER_TOKEN_VIOLATIONS = [
+    pytest.param(edited("loss_mask", GEN, 2), "loss_mask", id="mask value 2"),
+    pytest.param(edited("behavior_logprobs", GEN, 0.5), "behavior_logprobs", id="positive logprob generated"),
+    pytest.param(edited("behavior_logprobs", GEN, 2e-3), "behavior_logprobs", id="logprob past bf16 tolerance"),
+    pytest.param(edited("behavior_logprobs", GEN, np.nan), "behavior_logprobs", id="NaN logprob"),
+    pytest.param(edited("behavior_logprobs", GEN, -np.inf), "behavior_logprobs", id="-inf logprob"),
+    pytest.param(edited("behavior_logprobs", OBS, -0.5), "behavior_logprobs", id="nonzero logprob where mask 0"),
+    pytest.param(edited("versions", GEN, -1), "versions", id="version -1 on generated token"),
+    pytest.param(edited("versions", OBS, 0), "versions", id="version 0 where mask 0"),
+]
+
+
+@pytest.mark.parametrize(("violate", "field"), PER_TOKEN_VIOLATIONS)
+def test_validate_refuses_a_per_token_violation_naming_the_field(
+    violate: Callable[[Trajectory], Trajectory], field: str
+) -> None:
+    with pytest.raises(TrajectoryError) as info:
+        violate(BASE).validate()
+    assert info.value.field == field
+
+
+@pytest.mark.parametrize(("violate", "field"), PER_TOKEN_VIOLATIONS)
+def test_the_reader_refuses_a_per_token_violation_that_the_writer_lets_through(
+    violate: Callable[[Trajectory], Trajectory], field: str
+) -> None:
+    """The writer guarantees a well-formed document; the reader, which trusts no writer, checks every token."""
+    payload = encode_trajectory(violate(BASE))
+    assert refusal(payload).field == field
 
 
 def test_max_tokens_admits_exactly_the_limit_and_refuses_one_more() -> None:
@@ -373,11 +396,11 @@ DECODE_RECORD_VIOLATIONS = [
     pytest.param(with_wire_part("loss_mask", 2, loss_mask_with_a_two()), "loss_mask", id="mask value 2 on the wire"),
     pytest.param(with_wire("versions", ["<i4", T - 1, wire_bytes("versions")[:-4]]), "versions",
                  id="consistent wire, versions one short"),
-    pytest.param(with_wire("reward", 1), "reward", id="int reward"),
+    pytest.param(with_wire("env", "x" * 4097), "env", id="a string past max_string_bytes"),
     pytest.param(with_wire("num_turns", True), "num_turns", id="bool num_turns"),
     pytest.param(with_wire("finish_reason", ["answer"]), "finish_reason", id="finish_reason as a list"),
     pytest.param(with_wire("finish_reason", {"answer": 1}), "finish_reason", id="finish_reason as a map"),
-    pytest.param(with_wire("reward_parts", {b"f1": 1.0}), "reward_parts[b'f1']", id="bytes key in reward_parts"),
+    pytest.param(with_wire("reward_parts", {b"f1": 1.0}), "reward_parts", id="bytes key in reward_parts"),
     pytest.param(with_wire("timings", [1.0]), "timings", id="timings as a list"),
 ]
 
@@ -385,6 +408,12 @@ DECODE_RECORD_VIOLATIONS = [
 @pytest.mark.parametrize(("record", "field"), DECODE_RECORD_VIOLATIONS)
 def test_decode_refuses_a_malformed_record_naming_the_field(record: dict[str, Any], field: str) -> None:
     assert refusal(msgpack.packb(record, use_bin_type=True)).field == field
+
+
+def test_decode_reads_an_int_where_a_float_is_due_as_that_float() -> None:
+    """msgpack lets a writer send 1 for 1.0; the value is exact, so the reader takes it (the encoder never does)."""
+    decoded = decode_trajectory(msgpack.packb(with_wire("reward", 1), use_bin_type=True))
+    assert (type(decoded.reward), decoded.reward) == (float, 1.0)
 
 
 VALID = msgpack.packb(RECORD, use_bin_type=True)
@@ -402,7 +431,6 @@ MALFORMED_PAYLOADS = [
     pytest.param(msgpack.packb(None), id="top level nil"),
     pytest.param(msgpack.packb({1: 2}), id="int map key"),
     pytest.param(msgpack.packb(msgpack.ExtType(1, b"x")), id="ext type"),
-    pytest.param(msgpack.packb(with_wire("env", "x" * 4097)), id="a string past max_string_bytes, refused unread"),
     # A hostile length prefix: a map whose bin claims 2 GiB. Refused as truncated, nothing allocated.
     pytest.param(b"\x81\xa3env\xc6\x7f\xff\xff\xff" + b"x" * 16, id="bin length prefix of 2 GiB"),
     pytest.param(b"\x91" * 100_000, id="100k nested arrays"),
@@ -501,12 +529,18 @@ def _is_wire_array(value: Any, dtype: np.dtype) -> bool:
             and value[1] >= 0 and type(value[2]) is bytes and len(value[2]) == value[1] * dtype.itemsize)
 
 
+def _is_float_like(value: Any) -> bool:
+    return type(value) is float or (type(value) is int and abs(value) < 2**64)
+
+
 def blamed_field(name: str, value: Any) -> str | None:
     """The field decode must name when field `name` of the valid RECORD is replaced by `value`; None if still valid.
 
     Mostly `name` itself. Where the replacement is well-formed in isolation but contradicts another field, the
     codec reports the inconsistency at the field it checks second: turn_offsets for num_turns, loss_mask for a
-    token_ids of another length. Map entries are named `map[key]`, the first bad entry in wire order."""
+    token_ids of another length. The typed decoder accepts an int where a float is due (msgpack can carry either,
+    and the conversion is exact) and names a map whose keys or values have the wrong type; entries that type-check
+    but break a rule (an empty key, NaN) are named `map[key]`, the first bad entry in wire order."""
     if name == "schema_version":
         return None if type(value) is int and value == SCHEMA_VERSION else name
     if name in STRING_FIELDS:
@@ -514,7 +548,7 @@ def blamed_field(name: str, value: Any) -> str | None:
     if name == "finish_reason":
         return None if type(value) is str and value in FINISH_REASONS else name
     if name == "reward":
-        return None if type(value) is float and math.isfinite(value) else name
+        return None if _is_float_like(value) and math.isfinite(value) else name
     if name == "num_tool_calls":
         return None if _is_int32(value) else name
     if name == "num_turns":
@@ -528,10 +562,12 @@ def blamed_field(name: str, value: Any) -> str | None:
     if name in ARRAY_DTYPES:
         return None if value == RECORD[name] else name
     if name in MAP_FIELDS:
-        if type(value) is not dict or len(value) > 256:
+        if type(value) is not dict or not all(type(k) is str and _is_float_like(x) for k, x in value.items()):
+            return name
+        if len(value) > 256:
             return name
         for key, x in value.items():
-            if not _is_string(key) or type(x) is not float or not math.isfinite(x):
+            if not _is_string(key) or not math.isfinite(x):
                 return f"{name}[{key!r:.40}]"
         return None
     raise AssertionError(f"no rule for field {name}")
