@@ -91,7 +91,8 @@ def longhaul_pass(client: redis.Redis, trajectories: Sequence[Trajectory], batch
     def drain() -> None:
         committed, step = 0, 0
         while committed < n:
-            deliveries = store.read(CONSUMER, batch)
+            # As a learner does, pass the version being trained (this one never updates weights: version 0).
+            deliveries = store.read(CONSUMER, batch, learner_version=0)
             if not deliveries:
                 raise RuntimeError(f"longhaul read returned nothing with {n - committed} trajectories outstanding")
             result = store.commit(CONSUMER, step, deliveries)

@@ -128,28 +128,41 @@ class BufferStats:
         return self.stream_length - self.pending - self.history_size
 
 
-# Every deletion from the stream goes through this, so the rate limiter can derive inserts = XLEN + deleted.
-_DELETE = """
-local function delete(stream, limiter, eid)
-  local n = redis.call('XDEL', stream, eid)
+# Every deletion from the stream goes through `delete`, so the rate limiter can derive inserts = XLEN + deleted.
+# Multi-id commands go in chunks: Lua's unpack() is limited to a few thousand values.
+_BULK = """
+local function in_chunks(command, key, prefix, ids)
+  local done = 0
+  for i = 1, #ids, 1000 do
+    local args = {}
+    if prefix then args[1] = prefix end
+    for j = i, math.min(i + 999, #ids) do args[#args + 1] = ids[j] end
+    done = done + redis.call(command, key, unpack(args))
+  end
+  return done
+end
+local function delete(stream, limiter, eids)
+  local n = in_chunks('XDEL', stream, nil, eids)
   if n > 0 then redis.call('HINCRBY', limiter, 'deleted', n) end
 end
 """
 
 # KEYS: stream, limiter, counters. ARGV: group, then (entry_id, counter field) pairs. Acknowledges and deletes entries
 # that will not be trained on, counting each under its field (duplicates, stale_drop, dead_letters).
-_DISCARD = _DELETE + """
+_DISCARD = _BULK + """
 local stream, limiter, counters = unpack(KEYS)
+local eids = {}
 for i = 2, #ARGV, 2 do
-  redis.call('XACK', stream, ARGV[1], ARGV[i])
-  delete(stream, limiter, ARGV[i])
+  eids[#eids + 1] = ARGV[i]
   redis.call('HINCRBY', counters, ARGV[i + 1], 1)
 end
+in_chunks('XACK', stream, ARGV[1], eids)
+delete(stream, limiter, eids)
 """
 
 # KEYS: stream, seen, counters, committed_steps, history_entries, history_uses, history_rounds, limiter
 # ARGV: group, consumer, step, L, max_times_sampled, n_fresh, (entry_id, trajectory_id) × n_fresh, replayed ids...
-_COMMIT = _DELETE + """
+_COMMIT = _BULK + """
 local stream, seen, counters, steps, h_entries, h_uses, h_rounds, limiter = unpack(KEYS)
 local group, consumer = ARGV[1], ARGV[2]
 local step, L, max_times, n = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
@@ -157,9 +170,10 @@ local last = tonumber(redis.call('HGET', steps, consumer) or '-1')
 if step <= last then return {0, 0, 0, 1} end
 redis.call('HSET', steps, consumer, step)
 
+local doomed = {}  -- entry ids leaving the stream, deleted together at the end
 local function evict(tid)
   local eid = redis.call('HGET', h_entries, tid)
-  if eid then delete(stream, limiter, eid) end
+  if eid then doomed[#doomed + 1] = eid end
   redis.call('HDEL', h_entries, tid)
   redis.call('HDEL', h_uses, tid)
   redis.call('ZREM', h_rounds, tid)
@@ -167,9 +181,11 @@ end
 
 local keep = L > 0 and max_times > 1
 local committed, duplicates, replayed = 0, 0, 0
+local fresh = {}
+for i = 0, n - 1 do fresh[#fresh + 1] = ARGV[7 + 2 * i] end
+in_chunks('XACK', stream, group, fresh)
 for i = 0, n - 1 do
   local eid, tid = ARGV[7 + 2 * i], ARGV[8 + 2 * i]
-  redis.call('XACK', stream, group, eid)
   if redis.call('SADD', seen, tid) == 1 then
     committed = committed + 1
     if keep then
@@ -177,12 +193,12 @@ for i = 0, n - 1 do
       redis.call('HSET', h_uses, tid, 1)
       redis.call('ZADD', h_rounds, step, tid)
     else
-      delete(stream, limiter, eid)
+      doomed[#doomed + 1] = eid
     end
   else
     duplicates = duplicates + 1
     -- The same entry may be the one the history holds (committed twice after a reclaim race): keep it then.
-    if redis.call('HGET', h_entries, tid) ~= eid then delete(stream, limiter, eid) end
+    if redis.call('HGET', h_entries, tid) ~= eid then doomed[#doomed + 1] = eid end
   end
 end
 for i = 7 + 2 * n, #ARGV do
@@ -194,6 +210,7 @@ for i = 7 + 2 * n, #ARGV do
 end
 -- Keep the rounds (step - L, step]; older ones leave the history and the stream.
 for _, tid in ipairs(redis.call('ZRANGEBYSCORE', h_rounds, '-inf', step - L)) do evict(tid) end
+delete(stream, limiter, doomed)
 redis.call('HINCRBY', counters, 'committed', committed)
 redis.call('HINCRBY', counters, 'duplicates', duplicates)
 redis.call('HINCRBY', counters, 'replayed', replayed)
@@ -248,10 +265,13 @@ class TrajectoryStore:
 
     # ---- learner side -----------------------------------------------------------------------------------------
 
-    def read(self, consumer: str, max_count: int, block_ms: int | None = None) -> list[Delivery]:
+    def read(self, consumer: str, max_count: int, block_ms: int | None = None,
+             learner_version: int | None = None) -> list[Delivery]:
         """Up to `max_count` new trajectories for `consumer`, waiting up to `block_ms` for the first.
 
-        Each delivery counts as one sample for the rate limiter; deliveries stay pending until `commit`."""
+        `learner_version` is the version the caller is training, which staleness is measured against (default: the
+        published version, which lags the learner while a weight sync is in flight). Each delivery counts as one
+        sample for the rate limiter; deliveries stay pending until `commit`."""
         if max_count < 1:
             raise ValueError(f"max_count must be >= 1, got {max_count}")
         block_ms = self.config.read_block_ms if block_ms is None else block_ms
@@ -265,13 +285,13 @@ class TrajectoryStore:
             response = self._client.xreadgroup(GROUP, consumer, {self.keys.stream: ">"}, count=granted,
                                                block=block_ms or None)
             entries = response[0][1] if response else []
-            deliveries = self._deliver(entries, consumer, "new")
+            deliveries = self._deliver(entries, consumer, "new", learner_version)
             return deliveries
         finally:
             self.rate_limiter.return_samples(granted - len(deliveries))
             metrics.OP_SECONDS.labels("read").observe(time.perf_counter() - start)
 
-    def recover(self, consumer: str, max_count: int = 1024) -> list[Delivery]:
+    def recover(self, consumer: str, max_count: int = 1024, learner_version: int | None = None) -> list[Delivery]:
         """Entries still pending on `consumer` itself: what it had read but not committed before it restarted."""
         deliveries: list[Delivery] = []
         last = "0"
@@ -282,10 +302,11 @@ class TrajectoryStore:
             if not entries:
                 break
             last = entries[-1][0]
-            deliveries += self._deliver(entries, consumer, "recovered")
+            deliveries += self._deliver(entries, consumer, "recovered", learner_version)
         return deliveries
 
-    def reclaim(self, consumer: str, max_count: int = 1024, min_idle_ms: int | None = None) -> list[Delivery]:
+    def reclaim(self, consumer: str, max_count: int = 1024, min_idle_ms: int | None = None,
+                learner_version: int | None = None) -> list[Delivery]:
         """Take over entries pending on other consumers for at least `min_idle_ms` (default: `claim_idle_ms`)."""
         min_idle_ms = self.config.claim_idle_ms if min_idle_ms is None else min_idle_ms
         deliveries: list[Delivery] = []
@@ -293,7 +314,7 @@ class TrajectoryStore:
         while len(deliveries) < max_count:
             cursor, entries = self._client.xautoclaim(self.keys.stream, GROUP, consumer, min_idle_ms, cursor,
                                                       count=max_count - len(deliveries))[:2]
-            deliveries += self._deliver(entries, consumer, "reclaimed")
+            deliveries += self._deliver(entries, consumer, "reclaimed", learner_version)
             if cursor in (b"0-0", "0-0"):
                 break
         return deliveries
@@ -338,7 +359,8 @@ class TrajectoryStore:
             if eid is not None  # evicted between the two reads
         ]
 
-    def replay(self, trajectory_ids: list[str], timeout_s: float = 0.0) -> list[Delivery]:
+    def replay(self, trajectory_ids: list[str], timeout_s: float = 0.0,
+               learner_version: int | None = None) -> list[Delivery]:
         """Fetch history trajectories for another training use. Each counts as a sample for the rate limiter;
         `commit` records the use, and a trajectory leaves the history at `max_times_sampled` uses."""
         if not trajectory_ids:
@@ -354,7 +376,8 @@ class TrajectoryStore:
             if eid is not None:
                 pipe.xrange(self.keys.stream, min=eid, max=eid, count=1)
         found = iter(pipe.execute())
-        learner_version = self.staleness.version()
+        if learner_version is None:
+            learner_version = self.staleness.version()
         deliveries = []
         counts = self._client.pipeline(transaction=False)
         for eid in entry_ids:
@@ -405,7 +428,7 @@ class TrajectoryStore:
 
     # ---- internals --------------------------------------------------------------------------------------------
 
-    def _deliver(self, entries: list, consumer: str, source: Source) -> list[Delivery]:
+    def _deliver(self, entries: list, consumer: str, source: Source, learner_version: int | None) -> list[Delivery]:
         """Decode and screen raw stream entries; everything not handed to training is acknowledged here."""
         candidates: list[tuple[bytes, Trajectory]] = []
         discards: list = []  # entry_id, counter field, ... for _DISCARD
@@ -427,11 +450,9 @@ class TrajectoryStore:
                 discards += self._dead_letter(bookkeeping, entry_id, consumer, error, payload)
         deliveries: list[Delivery] = []
         if candidates:
-            lookup = self._client.pipeline(transaction=False)
-            lookup.smismember(self.keys.seen, [t.trajectory_id for _, t in candidates])
-            lookup.get(self.keys.version)
-            seen, version = lookup.execute()
-            learner_version = int(version or 0)
+            seen = self._client.smismember(self.keys.seen, [t.trajectory_id for _, t in candidates])
+            if learner_version is None:
+                learner_version = self.staleness.version()
             in_batch: set[str] = set()
             for (entry_id, trajectory), already_trained in zip(candidates, seen, strict=True):
                 if already_trained or trajectory.trajectory_id in in_batch:

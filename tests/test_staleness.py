@@ -263,3 +263,18 @@ def test_filter_uses_the_version_published_at_read_time(make_store):
     stats = store.stats()
     assert stats.counters["stale_drop"] == 1
     assert (stats.pending, stats.stream_length) == (1, 1)  # only "early", still pending
+
+
+def test_staleness_is_measured_against_the_version_the_learner_trains_not_the_published_one(make_store):
+    """While a weight sync is in flight the learner is ahead of what the actors have (the published version)."""
+    store = make_store(staleness=StalenessConfig(max_staleness=2, policy="drop"))
+    store.staleness.publish_version(4)                  # actors generate with version 4...
+    trajectory = synthetic_trajectory(1, turns=4, tokens=200, version=4)
+    oldest = trajectory.oldest_version()
+    store.append(trajectory)
+    # ...but the learner has already stepped to oldest + 3: one version past max_staleness.
+    assert store.read("learner", 1, block_ms=100, learner_version=oldest + 3) == []
+    assert store.stats().counters["stale_drop"] == 1
+    store.append(synthetic_trajectory(2, turns=4, tokens=200, version=4))
+    [delivery] = store.read("learner", 1, block_ms=100)  # no learner version given: the published one, 4
+    assert delivery.staleness == 4 - delivery.trajectory.oldest_version()
