@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import uuid
 
+import msgpack
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -16,6 +17,7 @@ from longhaul.synthetic import synthetic_trajectory
 from longhaul.trajectory import TrajectoryError, decode_trajectory, encode_trajectory
 
 NO_HISTORY = BufferConfig(history=HistoryConfig(rounds=0))
+OVERSIZE_LIMIT = 64 * 1024  # a valid test payload is ~2 kB; "oversized" pads one past this
 
 
 def _append_raw(store, fields: dict) -> bytes:
@@ -118,8 +120,22 @@ def test_a_per_token_violation_is_dead_lettered_by_the_reader_with_the_field_nam
     assert (letter.field, letter.reason) == ("behavior_logprobs", "behavior_logprobs: a log-probability is positive")
 
 
+_ANY_MSGPACK = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**63), 2**64 - 1) | st.floats() | st.text(max_size=8)
+    | st.binary(max_size=8),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=4), inner, max_size=3),
+    max_leaves=6,
+)
+
+
 def _corrupt(payload: bytes, data: st.DataObject) -> bytes:
-    kind = data.draw(st.sampled_from(["flip", "truncate", "splice", "garbage"]))
+    kind = data.draw(st.sampled_from(["flip", "truncate", "splice", "garbage", "type-confused", "oversized"]))
+    if kind == "type-confused":  # a well-formed document with one field of another type
+        record = msgpack.unpackb(payload)
+        record[data.draw(st.sampled_from(sorted(record)))] = data.draw(_ANY_MSGPACK)
+        return msgpack.packb(record, use_bin_type=True)
+    if kind == "oversized":
+        return payload + b"\x00" * OVERSIZE_LIMIT
     if kind == "flip":
         at = data.draw(st.integers(0, len(payload) - 1))
         return payload[:at] + bytes([payload[at] ^ data.draw(st.integers(1, 255))]) + payload[at + 1:]
@@ -131,19 +147,21 @@ def _corrupt(payload: bytes, data: st.DataObject) -> bytes:
     return data.draw(st.binary(max_size=256))
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data())
 def test_corrupted_payloads_never_stop_the_consumer_and_each_lands_in_the_dead_letters(redis_client, data):
-    """A stream mixing valid and corrupted entries: every valid one is delivered, every invalid one becomes a dead
-    letter naming the same field decoding reports, and nothing stays pending."""
-    store = TrajectoryStore(redis_client, f"corrupt-{uuid.uuid4().hex[:12]}", NO_HISTORY)  # a run per example
+    """A stream mixing valid entries with corrupted, truncated, spliced, type-confused and oversized ones: every valid
+    one is delivered, every invalid one becomes a dead letter naming the field decoding reports, and nothing stays
+    pending or in the stream."""
+    config = NO_HISTORY.model_copy(update={"codec": CodecConfig(max_payload_bytes=OVERSIZE_LIMIT)})
+    store = TrajectoryStore(redis_client, f"corrupt-{uuid.uuid4().hex[:12]}", config)  # a run per example
     expected_valid, expected_fields = [], []
     for i in range(data.draw(st.integers(1, 6))):
         payload = encode_trajectory(synthetic_trajectory(i, turns=3, tokens=120, trajectory_id=f"t{i}"))
         if data.draw(st.booleans()):
             payload = _corrupt(payload, data)
         try:
-            expected_valid.append(decode_trajectory(payload).trajectory_id)
+            expected_valid.append(decode_trajectory(payload, config.codec).trajectory_id)
         except TrajectoryError as error:
             expected_fields.append(error.field)
         _append_raw(store, {b"t": payload})
