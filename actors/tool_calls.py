@@ -1,4 +1,4 @@
-"""Parsing the tool call a model emitted, in the Qwen/Hermes form `<tool_call>{"name": ..., "arguments": ...}</tool_call>`.
+"""Parsing the tool call a model emitted, in the Qwen/Hermes form `<tool_call>{"name": ..., "arguments": ...}`.
 
 The model is the least trusted input in the system: a weak policy early in training emits truncated JSON, unknown
 tools, missing arguments. None of that may crash an episode. `parse_tool_call` therefore never raises: it returns
