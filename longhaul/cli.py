@@ -102,6 +102,30 @@ def cmd_redis(config: LonghaulConfig, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_make_model(config: LonghaulConfig, args: argparse.Namespace) -> int:
+    """Build the tiny model (tokenizer trained on the simulated corpus) if missing; print its directory."""
+    from longhaul.actors.search_world import SearchWorld
+    from longhaul.actors.tiny_model import ensure_model
+
+    path = ensure_model(config.model.path, config.model, lambda: SearchWorld.generate(config.world).corpus_texts())
+    print(path)
+    return 0
+
+
+def cmd_tool_server(config: LonghaulConfig, args: argparse.Namespace) -> int:
+    """Serve the simulated search world's tools over gRPC until SIGTERM or Ctrl-C."""
+    import asyncio
+
+    from longhaul.actors.tool_service import serve_until_signalled
+
+    if args.metrics_port is not None:
+        from prometheus_client import start_http_server
+
+        start_http_server(args.metrics_port, addr=args.host)
+    asyncio.run(serve_until_signalled(config.tools, config.world, args.host, args.port))
+    return 0
+
+
 def cmd_buffer_stats(config: LonghaulConfig, args: argparse.Namespace) -> int:
     """Print the state of a run's buffer."""
     from longhaul.buffer.store import TrajectoryStore
@@ -138,6 +162,12 @@ def main(argv: list[str] | None = None) -> int:
     doctor.add_argument("--trajectories", type=int, default=16)
     doctor.set_defaults(fn=cmd_doctor)
     commands.add_parser("redis", help=cmd_redis.__doc__).set_defaults(fn=cmd_redis)
+    commands.add_parser("make-model", help=cmd_make_model.__doc__).set_defaults(fn=cmd_make_model)
+    tools = commands.add_parser("tool-server", help=cmd_tool_server.__doc__)
+    tools.add_argument("--host", default="127.0.0.1", help="address to bind (the server has no authentication)")
+    tools.add_argument("--port", type=int, default=0, help="port (default: a free one, printed on start)")
+    tools.add_argument("--metrics-port", type=int, help="serve Prometheus /metrics on this port")
+    tools.set_defaults(fn=cmd_tool_server)
     commands.add_parser("buffer-stats", help=cmd_buffer_stats.__doc__).set_defaults(fn=cmd_buffer_stats)
     dead = commands.add_parser("dead-letters", help=cmd_dead_letters.__doc__)
     dead.add_argument("--count", type=int, default=20)

