@@ -113,6 +113,30 @@ class AgentConfig(_Section):
     )
 
 
+class ActorConfig(_Section):
+    """A rollout actor: how many episodes it keeps in flight and how it groups them."""
+
+    group_size: int = Field(default=4, ge=1)
+    """Episodes per task (n): they share a group_id, for group-relative advantages."""
+
+    episodes_in_flight: int = Field(default=64, ge=1)
+    """Episodes run concurrently on the actor's engine. CPU throughput is overhead-bound, so many episodes waiting on
+    tools keep the engine busy."""
+
+    admission_poll_s: float = Field(default=0.05, gt=0)
+    """Pause before asking the admission rule again after a refusal (the learner is behind)."""
+
+    split: Literal["train", "test"] = "train"
+    """Tasks the actor draws from."""
+
+    @model_validator(mode="after")
+    def _a_group_fits_in_flight(self) -> ActorConfig:
+        if self.episodes_in_flight < self.group_size:
+            raise ValueError(f"episodes_in_flight={self.episodes_in_flight} < group_size={self.group_size}: "
+                             "no group could ever start")
+        return self
+
+
 class CodecConfig(_Section):
     """Limits on one trajectory payload, enforced before and while decoding."""
 
@@ -343,6 +367,7 @@ class LonghaulConfig(_Section):
     tools: ToolServiceConfig = ToolServiceConfig()
     engine: EngineConfig = EngineConfig()
     agent: AgentConfig = AgentConfig()
+    actor: ActorConfig = ActorConfig()
     model: ModelConfig = ModelConfig()
 
     @model_validator(mode="after")
