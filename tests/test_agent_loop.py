@@ -77,3 +77,54 @@ def test_a_constrained_episode_of_45_tool_calls_has_exact_masks_versions_logprob
     assert set(trajectory.versions[generated].tolist()) == {5}
     assert np.all(trajectory.versions[~generated] == -1) and np.all(trajectory.behavior_logprobs[~generated] == 0)
     assert np.all(trajectory.behavior_logprobs[generated] <= 1e-3)
+
+
+def test_model_defects_and_tool_failures_become_observations_and_only_a_dead_tool_service_ends_an_episode(model_dir):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    chat = ChatFormat(tokenizer)
+    world = SearchWorld.generate(WORLD)
+
+    def observations(trajectory) -> list[str]:
+        offsets, mask = trajectory.turn_offsets.tolist(), trajectory.loss_mask.tolist()
+        texts = []
+        for k in range(trajectory.num_turns):
+            turn = trajectory.token_ids[offsets[k]:offsets[k + 1]].tolist()
+            last_generated = max(i for i in range(len(turn)) if mask[offsets[k] + i] == 1)
+            texts.append(tokenizer.decode(turn[last_generated + 1:], skip_special_tokens=False))
+        return texts
+
+    async def scenario():
+        slow_server, slow_port = await serve(ToolServiceConfig(simulated_latency_s=2.0), world)
+        engine = await InferenceEngine(str(model_dir), EngineConfig(max_model_len=4096, max_num_seqs=8,
+                                                                    cpu_kvcache_space_gib=1)).start()
+        try:
+            run = dict(engine=engine, chat=chat, group_id="g", actor_id="a")
+            # 1. An untrained, unconstrained policy: its turns are not tool calls.
+            async with ToolClient(f"127.0.0.1:{slow_port}", ToolServiceConfig()) as tools:
+                [task] = (await tools.list_tasks("train", 0, 1)).tasks  # 2 s of latency, within the 5 s deadline
+                free = await run_episode(task, tools=tools, config=AgentConfig(max_turns=4, max_turn_tokens=24), **run)
+            # 2. Valid calls to a tool slower than the client's deadline.
+            async with ToolClient(f"127.0.0.1:{slow_port}", ToolServiceConfig(deadline_s=0.3)) as tools:
+                slow = await run_episode(task, tools=tools, config=AgentConfig(
+                    max_turns=3, max_turn_tokens=96, constrained_tool_calls=True, tools=("search", "open")), **run)
+            # 3. No tool service at all.
+            async with ToolClient("127.0.0.1:9", ToolServiceConfig(deadline_s=2.0, max_attempts=2)) as tools:
+                dead = await run_episode(task, tools=tools, config=AgentConfig(
+                    max_turns=3, max_turn_tokens=96, constrained_tool_calls=True), **run)
+            return free, slow, dead
+        finally:
+            engine.shutdown()
+            await slow_server.stop(0)
+
+    free, slow, dead = asyncio.run(scenario())
+    assert (free.finish_reason, free.num_turns, free.num_tool_calls) == ("max_turns", 4, 0)
+    parse_errors = ("No tool call found", "not valid JSON", "exactly the keys", "Unknown tool", "arguments")
+    assert all(any(error in text for error in parse_errors) for text in observations(free))
+    assert (slow.finish_reason, slow.num_turns, slow.num_tool_calls) == ("max_turns", 3, 3)
+    assert all("timed out: no answer within 0.3 s" in text for text in observations(slow))
+    assert (dead.finish_reason, dead.num_turns, dead.num_tool_calls) == ("tool_error", 1, 1)
+    for trajectory in (free, slow, dead):
+        decode_trajectory(encode_trajectory(trajectory))
+
