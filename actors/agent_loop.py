@@ -167,7 +167,7 @@ async def run_episode(task: TaskInfo, *, engine: InferenceEngine, tools: ToolCli
             break
         tokens.context(observed)
     timings["total_s"] = time.perf_counter() - started
-    tokens.turn_offsets = [*tokens.turn_offsets, len(tokens.ids)] if tokens.turn_offsets else [len(tokens.ids)]
+    tokens.turn_offsets.append(len(tokens.ids))
     return Trajectory(
         trajectory_id=uuid.uuid4().hex, task_id=task.task_id, group_id=group_id, actor_id=actor_id, env=env,
         token_ids=np.asarray(tokens.ids, dtype="<u4"), loss_mask=np.asarray(tokens.mask, dtype="u1"),

