@@ -10,7 +10,20 @@ import redis
 
 from longhaul.buffer.redis_server import EmbeddedRedis, connect
 from longhaul.buffer.store import TrajectoryStore
-from longhaul.config import BufferConfig
+from longhaul.config import BufferConfig, ModelConfig, WorldConfig
+
+# A world small enough to build in a blink; its corpus trains the tiny model's tokenizer.
+SMALL_WORLD = WorldConfig(num_entities=60, num_tasks=50, max_hops=8)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory):
+    """The tiny model (`longhaul make-model`'s recipe) on SMALL_WORLD's corpus, built once for every engine test."""
+    from longhaul.actors.search_world import SearchWorld  # imported here: bm25s pulls numba into the process
+    from longhaul.actors.tiny_model import make_tiny_model
+
+    return make_tiny_model(tmp_path_factory.mktemp("tiny-model"), ModelConfig(max_position_embeddings=16384),
+                           SearchWorld.generate(SMALL_WORLD).corpus_texts())
 
 
 @pytest.fixture(scope="session")

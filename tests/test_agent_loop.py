@@ -10,21 +10,16 @@ import pytest
 from longhaul.actors.agent_loop import ChatFormat, run_episode
 from longhaul.actors.engine import InferenceEngine
 from longhaul.actors.search_world import SearchWorld
-from longhaul.actors.tiny_model import make_tiny_model
 from longhaul.actors.tool_service import ToolClient, serve
-from longhaul.config import AgentConfig, EngineConfig, ModelConfig, ToolServiceConfig, WorldConfig
+from longhaul.config import AgentConfig, EngineConfig, ToolServiceConfig
 from longhaul.trajectory import decode_trajectory, encode_trajectory
+from tests.conftest import SMALL_WORLD as WORLD
 
 pytestmark = pytest.mark.slow
 
-WORLD = WorldConfig(num_entities=60, num_tasks=50, max_hops=8)
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    world = SearchWorld.generate(WORLD)
-    return make_tiny_model(tmp_path_factory.mktemp("model"), ModelConfig(max_position_embeddings=16384),
-                           world.corpus_texts())
+@pytest.fixture
+def model_dir(tiny_model_dir):
+    return tiny_model_dir
 
 
 def test_a_constrained_episode_of_45_tool_calls_has_exact_masks_versions_logprobs_and_turns(model_dir):

@@ -16,15 +16,9 @@ CONFIG = EngineConfig(max_model_len=4096, max_num_seqs=16, cpu_kvcache_space_gib
 PROMPT = [1, 5, 6, 7, 9, 11, 2, 3]
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    from longhaul.actors.search_world import SearchWorld
-    from longhaul.actors.tiny_model import make_tiny_model
-    from longhaul.config import ModelConfig, WorldConfig
-
-    world = SearchWorld.generate(WorldConfig(num_entities=60, num_tasks=50, max_hops=8))
-    return make_tiny_model(tmp_path_factory.mktemp("model"), ModelConfig(max_position_embeddings=4096),
-                           world.corpus_texts())
+@pytest.fixture
+def model_dir(tiny_model_dir):
+    return tiny_model_dir
 
 
 def test_a_turn_returns_one_logprob_and_version_per_token_and_stops_on_a_stop_token(model_dir):

@@ -12,21 +12,17 @@ from longhaul.actors.agent_loop import ChatFormat
 from longhaul.actors.engine import InferenceEngine
 from longhaul.actors.rollout_actor import RolloutActor
 from longhaul.actors.search_world import SearchWorld
-from longhaul.actors.tiny_model import make_tiny_model
 from longhaul.actors.tool_service import ToolClient, serve
 from longhaul.config import (
     ActorConfig,
     AgentConfig,
     EngineConfig,
-    ModelConfig,
     StalenessConfig,
     ToolServiceConfig,
-    WorldConfig,
 )
+from tests.conftest import SMALL_WORLD as WORLD
 
 pytestmark = pytest.mark.slow
-
-WORLD = WorldConfig(num_entities=60, num_tasks=50, max_hops=8)
 
 
 async def _until(condition, timeout_s: float, what: str) -> None:
@@ -37,11 +33,11 @@ async def _until(condition, timeout_s: float, what: str) -> None:
         await asyncio.sleep(0.1)
 
 
-def test_groups_are_admitted_whole_paced_by_the_learner_version_and_land_in_the_buffer(make_store, tmp_path):
+def test_groups_are_admitted_whole_paced_by_the_learner_version_and_land_in_the_buffer(make_store, tiny_model_dir):
     from transformers import AutoTokenizer
 
     world = SearchWorld.generate(WORLD)
-    model_dir = make_tiny_model(tmp_path / "model", ModelConfig(max_position_embeddings=4096), world.corpus_texts())
+    model_dir = tiny_model_dir
     chat = ChatFormat(AutoTokenizer.from_pretrained(model_dir))
     # Admission: (version + max_staleness + 1) × batch_size = 4 episodes at version 0, 4 more per version.
     store = make_store(staleness=StalenessConfig(max_staleness=0, batch_size=4))

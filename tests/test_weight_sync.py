@@ -15,7 +15,7 @@ import torch
 
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
-from tests.weight_trainer import Trainer, tiny_model
+from tests.weight_trainer import Trainer
 
 pytestmark = pytest.mark.slow
 
@@ -61,11 +61,11 @@ def _sync_from_separate_process(llm, model_dir: Path, out_dir: Path, seed: int, 
 
 
 @pytest.fixture(scope="module")
-def engine(tmp_path_factory):
+def engine(tiny_model_dir):
     from vllm import LLM
     from vllm.config import WeightTransferConfig
 
-    model_dir = tiny_model(tmp_path_factory.mktemp("model"), seed=0)
+    model_dir = tiny_model_dir
     llm = LLM(model=str(model_dir), skip_tokenizer_init=True, dtype="bfloat16", max_model_len=256,
               enforce_eager=True, gpu_memory_utilization=0.3, seed=0,
               weight_transfer_config=WeightTransferConfig(backend="longhaul_gloo"))

@@ -1,7 +1,7 @@
 """A learner's side of weight sync, run as a real separate process for tests: perturb a model, send it.
 
 The process reaches the engine's four weight-sync calls through a pipe (`PipeClient`), the way a learner reaches an
-actor through Ray; `serve` answers those calls on the engine's side."""
+actor through Ray; `Trainer.sync` answers those calls on the engine's side."""
 
 from __future__ import annotations
 
@@ -14,18 +14,6 @@ from pathlib import Path
 import torch
 
 SPAWN = multiprocessing.get_context("spawn")
-
-
-def tiny_model(path: Path, seed: int) -> Path:
-    """A random Qwen2 small enough for 2 CPU cores (head_dim 64, tied embeddings), no tokenizer."""
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    config = Qwen2Config(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=4096,
-                         tie_word_embeddings=True, eos_token_id=0, bos_token_id=0)
-    torch.manual_seed(seed)
-    Qwen2ForCausalLM(config).to(torch.bfloat16).save_pretrained(path)
-    return path
 
 
 def perturbed(model: torch.nn.Module, seed: int) -> torch.nn.Module:
