@@ -62,7 +62,8 @@ class InferenceEngine:
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(config.cpu_kvcache_space_gib))
         args = AsyncEngineArgs(
             model=model_path, dtype=config.dtype, max_model_len=config.max_model_len,
-            max_num_seqs=config.max_num_seqs, gpu_memory_utilization=config.gpu_memory_utilization,
+            max_num_seqs=config.max_num_seqs, block_size=config.kv_block_size,
+            gpu_memory_utilization=config.gpu_memory_utilization,
             enforce_eager=config.enforce_eager, tensor_parallel_size=config.tensor_parallel_size, seed=config.seed,
             # The agent loop owns tokenization (chat template, exact ids); vLLM loads the tokenizer only because
             # structured outputs compile their grammar against its vocabulary.

@@ -82,6 +82,20 @@ class Delivery:
     weight: float
     """Loss weight from the staleness policy: 1, or `staleness.downweight` for an over-stale trajectory."""
 
+    @property
+    def trajectory_id(self) -> str:
+        return self.trajectory.trajectory_id
+
+
+@dataclass(frozen=True, slots=True)
+class Consumed:
+    """What `commit` needs of a delivery, without the trajectory: a learner checkpoint keeps these so that a
+    restarted learner can repeat the commit of its last checkpoint (commits are idempotent)."""
+
+    entry_id: bytes
+    trajectory_id: str
+    source: Source
+
 
 @dataclass(frozen=True, slots=True)
 class CommitResult:
@@ -319,7 +333,7 @@ class TrajectoryStore:
                 break
         return deliveries
 
-    def commit(self, consumer: str, step: int, deliveries: list[Delivery]) -> CommitResult:
+    def commit(self, consumer: str, step: int, deliveries: list[Delivery] | list[Consumed]) -> CommitResult:
         """Acknowledge everything `step` trained on, after the step is committed (applied or checkpointed).
 
         Atomic, and idempotent per (consumer, step): calling it again for a step already committed changes nothing,
@@ -328,8 +342,8 @@ class TrajectoryStore:
         args: list = [GROUP, consumer, step, self.config.history.rounds, self.config.history.max_times_sampled,
                       len(fresh)]
         for delivery in fresh:
-            args += [delivery.entry_id, delivery.trajectory.trajectory_id]
-        args += [d.trajectory.trajectory_id for d in deliveries if d.source == "replay"]
+            args += [delivery.entry_id, delivery.trajectory_id]
+        args += [d.trajectory_id for d in deliveries if d.source == "replay"]
         start = time.perf_counter()
         committed, duplicates, replayed, already = self._commit(keys=[
             self.keys.stream, self.keys.seen, self.keys.counters, self.keys.committed_steps,

@@ -7,6 +7,7 @@ import importlib
 import signal
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -19,6 +20,14 @@ def _buffer_client(config: LonghaulConfig):
     if config.redis.url is None:
         raise SystemExit("this command reads an existing buffer: pass redis.url=redis://... (or a config file with it)")
     return connect(config.redis.url)
+
+
+def _stop_on_signals() -> threading.Event:
+    """An event that SIGINT or SIGTERM sets: long-running commands finish their current work and stop cleanly."""
+    stop = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stop.set())
+    return stop
 
 
 def cmd_doctor(config: LonghaulConfig, args: argparse.Namespace) -> int:
@@ -87,16 +96,7 @@ def cmd_redis(config: LonghaulConfig, args: argparse.Namespace) -> int:
 
     server = EmbeddedRedis.from_config(config.redis).start()
     print(f"redis-server pid {server.pid}, data in {server.data_dir}\nLONGHAUL_REDIS_URL={server.url}", flush=True)
-    stop = False
-
-    def request_stop(*_):
-        nonlocal stop
-        stop = True
-
-    signal.signal(signal.SIGINT, request_stop)
-    signal.signal(signal.SIGTERM, request_stop)
-    while not stop:
-        time.sleep(0.2)
+    _stop_on_signals().wait()
     server.stop()
     print("redis-server stopped cleanly")
     return 0
@@ -123,6 +123,42 @@ def cmd_tool_server(config: LonghaulConfig, args: argparse.Namespace) -> int:
 
         start_http_server(args.metrics_port, addr=args.host)
     asyncio.run(serve_until_signalled(config.tools, config.world, args.host, args.port))
+    return 0
+
+
+def cmd_learner(config: LonghaulConfig, args: argparse.Namespace) -> int:
+    """Run the learner alone against a run's buffer (resuming from its newest checkpoint) until total_steps.
+    Under torchrun (`torchrun --nproc-per-node N -m longhaul.cli learner ...`) the N processes shard it with FSDP2."""
+    import logging
+
+    from longhaul.actors.tiny_model import ensure_model
+    from longhaul.buffer.store import TrajectoryStore
+    from longhaul.learner import distributed
+    from longhaul.learner.trainer import Learner
+
+    def corpus():
+        from longhaul.actors.search_world import SearchWorld  # bm25s and numba: only when the tiny model is built
+
+        return SearchWorld.generate(config.world).corpus_texts()
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    distributed.init_from_environment()
+    model_dir = ensure_model(config.model.path, config.model, corpus)
+    if args.metrics_port is not None:
+        from prometheus_client import start_http_server
+
+        start_http_server(args.metrics_port)
+    stop = _stop_on_signals()
+    learner = Learner(config, model_dir, TrajectoryStore(_buffer_client(config), config.run_name, config.buffer))
+    learner.run(should_stop=stop.is_set)
+    if learner.world_size > 1:
+        import torch.distributed
+
+        torch.distributed.destroy_process_group()
+        if learner.rank != 0:
+            return 0
+    print(f"learner stopped at step {learner.step} (policy version {learner.version}); "
+          f"checkpoints in {config.learner.checkpoint_dir}")
     return 0
 
 
@@ -168,6 +204,9 @@ def main(argv: list[str] | None = None) -> int:
     tools.add_argument("--port", type=int, default=0, help="port (default: a free one, printed on start)")
     tools.add_argument("--metrics-port", type=int, help="serve Prometheus /metrics on this port")
     tools.set_defaults(fn=cmd_tool_server)
+    learner = commands.add_parser("learner", help=cmd_learner.__doc__)
+    learner.add_argument("--metrics-port", type=int, help="serve Prometheus /metrics on this port")
+    learner.set_defaults(fn=cmd_learner)
     commands.add_parser("buffer-stats", help=cmd_buffer_stats.__doc__).set_defaults(fn=cmd_buffer_stats)
     dead = commands.add_parser("dead-letters", help=cmd_dead_letters.__doc__)
     dead.add_argument("--count", type=int, default=20)

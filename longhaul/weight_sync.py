@@ -19,12 +19,13 @@ every name, tied duplicates included.
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, ClassVar, Self
+from typing import TYPE_CHECKING, Any, ClassVar, Self
 
 import torch
 from torch.distributed import BroadcastOptions, PrefixStore, ProcessGroupGloo, TCPStore
@@ -79,7 +80,7 @@ def plan_buckets(meta: list[ParamMeta], bucket_bytes: int) -> list[Bucket]:
     offsets: list[int] = []
     size = 0
     for param in meta:
-        nbytes = _nbytes(param.dtype, param.shape)
+        nbytes = tensor_nbytes(param.dtype, param.shape)
         start = _align(size)
         if names and start + nbytes > bucket_bytes:
             buckets.append(Bucket(tuple(names), tuple(dtypes), tuple(shapes), tuple(offsets), size))
@@ -94,7 +95,8 @@ def plan_buckets(meta: list[ParamMeta], bucket_bytes: int) -> list[Bucket]:
     return buckets
 
 
-def _nbytes(dtype: torch.dtype, shape: tuple[int, ...]) -> int:
+def tensor_nbytes(dtype: torch.dtype, shape: tuple[int, ...]) -> int:
+    """Bytes of a dense tensor of `dtype` and `shape`."""
     count = 1
     for dim in shape:
         count *= dim
@@ -109,7 +111,7 @@ def _unpack(bucket: Bucket, buffer: torch.Tensor) -> list[tuple[str, torch.Tenso
     """Views of each parameter inside a received bucket buffer (no copies)."""
     tensors = []
     for name, dtype, shape, offset in zip(bucket.names, bucket.dtypes, bucket.shapes, bucket.offsets, strict=True):
-        tensors.append((name, buffer[offset:offset + _nbytes(dtype, shape)].view(dtype).view(shape)))
+        tensors.append((name, buffer[offset:offset + tensor_nbytes(dtype, shape)].view(dtype).view(shape)))
     return tensors
 
 
@@ -313,6 +315,32 @@ class GlooTrainerWeightTransferEngine(TrainerWeightTransferEngine[GlooTrainerIni
 
     def shutdown(self) -> None:
         self._group = None
+
+
+class LoopClient:
+    """`VLLMWeightSyncClient` for an engine in this process whose four weight-sync methods are coroutines on
+    `loop` (`longhaul.actors.engine.InferenceEngine`), called from another thread: the trainer engine blocks while
+    it sends, so it must not run on the loop the engine needs."""
+
+    def __init__(self, engine: Any, loop: asyncio.AbstractEventLoop, timeout_s: float = 600.0):
+        self._engine = engine
+        self._loop = loop
+        self._timeout_s = timeout_s
+
+    def _call(self, coroutine) -> None:
+        asyncio.run_coroutine_threadsafe(coroutine, self._loop).result(self._timeout_s)
+
+    def init_weight_transfer_engine(self, init_info: dict[str, Any]) -> None:
+        self._call(self._engine.init_weight_transfer_engine(init_info))
+
+    def start_weight_update(self) -> None:
+        self._call(self._engine.start_weight_update())
+
+    def update_weights(self, update_info: dict[str, Any]) -> None:
+        self._call(self._engine.update_weights(update_info))
+
+    def finish_weight_update(self, weight_version: str | None = None) -> None:
+        self._call(self._engine.finish_weight_update(weight_version))
 
 
 # ---- registration -------------------------------------------------------------------------------------------------
