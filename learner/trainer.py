@@ -76,7 +76,7 @@ class Learner:
         settings = config.learner
         self.rank, self.world_size = distributed.world()
         self._store = store
-        self._checkpoint_dir = Path(settings.checkpoint_dir)
+        self._checkpoint_dir = config.checkpoint_dir
         resume_from = latest_checkpoint(self._checkpoint_dir)
         self.model_dir = resume_from / "model" if resume_from else Path(model_dir)
         torch.manual_seed(settings.seed)
@@ -140,6 +140,10 @@ class Learner:
                 continue
             log.info("step %d/%d  loss %.4f  reward %.3f  tokens %d  %.2fs", self.step, target, record["loss"],
                      record["reward_mean"], record["tokens"], record["step_seconds"])
+        self.finish()
+
+    def finish(self) -> None:
+        """Checkpoint what was trained since the last checkpoint, if anything: a clean stop retrains nothing."""
         if self._uncommitted:
             self.checkpoint()
 
@@ -195,6 +199,9 @@ class Learner:
         record = {
             "step": self.step, "version": self.version, "loss": loss_total, "grad_norm": grad_norm,
             "learning_rate": learning_rate, "reward_mean": float(rewards.mean()),
+            "success_rate": sum(d.trajectory.reward_parts.get("exact_match", 0.0) for d in batch) / len(batch),
+            "tool_calls_mean": sum(d.trajectory.num_tool_calls for d in batch) / len(batch),
+            "tool_calls_max": max(d.trajectory.num_tool_calls for d in batch),
             "entropy_mean": entropy_total / max(valid_tokens, 1.0),
             "staleness_mean": sum(d.staleness for d in batch) / len(batch),
             "staleness_max": max(d.staleness for d in batch),

@@ -158,7 +158,26 @@ def cmd_learner(config: LonghaulConfig, args: argparse.Namespace) -> int:
         if learner.rank != 0:
             return 0
     print(f"learner stopped at step {learner.step} (policy version {learner.version}); "
-          f"checkpoints in {config.learner.checkpoint_dir}")
+          f"checkpoints in {config.checkpoint_dir}")
+    return 0
+
+
+def cmd_train(config: LonghaulConfig, args: argparse.Namespace) -> int:
+    """Run the whole job: Redis, tool server, actors and learner; Ctrl-C stops it cleanly (checkpoint, drain)."""
+    import logging
+
+    from longhaul.driver import RunError, TrainingRun
+
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
+    stop = _stop_on_signals()
+    try:
+        summary = TrainingRun(config, resume=args.resume, stop=stop).run()
+    except RunError as error:
+        print(f"longhaul train: {error}", file=sys.stderr)
+        return 2
+    print(f"run {summary['run_name']}: {summary['steps']} steps in {summary['wall_seconds']:.0f} s, reward "
+          f"{summary['reward_first']:.3f} → {summary['reward_last']:.3f}, success {summary['success_first']:.0%} → "
+          f"{summary['success_last']:.0%}, longest episode {summary['max_tool_calls']} tool calls")
     return 0
 
 
@@ -204,6 +223,9 @@ def main(argv: list[str] | None = None) -> int:
     tools.add_argument("--port", type=int, default=0, help="port (default: a free one, printed on start)")
     tools.add_argument("--metrics-port", type=int, help="serve Prometheus /metrics on this port")
     tools.set_defaults(fn=cmd_tool_server)
+    train = commands.add_parser("train", help=cmd_train.__doc__)
+    train.add_argument("--resume", action="store_true", help="continue the run from its newest checkpoint")
+    train.set_defaults(fn=cmd_train)
     learner = commands.add_parser("learner", help=cmd_learner.__doc__)
     learner.add_argument("--metrics-port", type=int, help="serve Prometheus /metrics on this port")
     learner.set_defaults(fn=cmd_learner)
@@ -211,6 +233,9 @@ def main(argv: list[str] | None = None) -> int:
     dead = commands.add_parser("dead-letters", help=cmd_dead_letters.__doc__)
     dead.add_argument("--count", type=int, default=20)
     dead.set_defaults(fn=cmd_dead_letters)
+    from longhaul.control_cli import add_control_commands
+
+    add_control_commands(commands)
     # Whatever argparse does not know is a `section.field=value` override; load_config rejects anything else.
     args, overrides = parser.parse_known_args(argv)
     try:

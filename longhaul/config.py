@@ -403,7 +403,9 @@ class LearnerConfig(_Section):
     """Parameters and optimiser state. bf16 halves memory but rounds small updates away; weight sync always sends
     in the engine's dtype."""
 
-    checkpoint_dir: Path = Path("runs/checkpoints")
+    checkpoint_dir: Path | None = None
+    """Where checkpoints and `steps.jsonl` go; None: `<train.run_dir>/<run_name>/checkpoints`."""
+
     checkpoint_every: int = Field(default=10, ge=1)
     """Steps between checkpoints. Buffer entries are acknowledged only when the checkpoint covering their step is
     on disk, so a crash retrains at most this many steps."""
@@ -424,6 +426,40 @@ class LearnerConfig(_Section):
     seed: int = 0
 
 
+class ControlConfig(_Section):
+    """The control plane: the gRPC ControlService the driver serves (`longhaul status`, `scale`, `pause`, ...)."""
+
+    host: str = "127.0.0.1"
+    """Address the control server binds. It has no authentication: keep it on loopback, or on a network only the
+    operators reach."""
+
+    port: int = Field(default=0, ge=0, le=65535)
+    """Port of the control server; 0 picks a free one. The bound address is printed at start and written to
+    <train.run_dir>/<run_name>/control.address, where the CLI finds it."""
+
+    max_actors: int = Field(default=64, ge=0)
+    """Largest actor count `longhaul scale` may ask for; larger requests are rejected, naming `actors`."""
+
+
+class TrainConfig(_Section):
+    """`longhaul train`: the processes of a run and where its outputs go."""
+
+    actors: int = Field(default=1, ge=1)
+    """Rollout actors (one engine each) to start with."""
+
+    actor_num_cpus: float = Field(default=1.0, gt=0)
+    """CPUs Ray reserves per actor; on GPUs each actor also takes one GPU."""
+
+    ray_address: str | None = None
+    """An existing Ray cluster (`ray://host:10001` or `auto`); None starts a local one."""
+
+    run_dir: Path = Path("runs")
+    """Outputs of run `name` go to `run_dir/name/`: checkpoints, steps.jsonl, summary.json, progress.png."""
+
+    status_interval_s: float = Field(default=10.0, gt=0)
+    """Seconds between status lines when the output is not a terminal (logs, CI)."""
+
+
 class LonghaulConfig(_Section):
     """A whole run."""
 
@@ -439,6 +475,17 @@ class LonghaulConfig(_Section):
     actor: ActorConfig = ActorConfig()
     model: ModelConfig = ModelConfig()
     learner: LearnerConfig = LearnerConfig()
+    train: TrainConfig = TrainConfig()
+    control: ControlConfig = ControlConfig()
+
+    @property
+    def output_dir(self) -> Path:
+        """Where this run's outputs go."""
+        return self.train.run_dir / self.run_name
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.learner.checkpoint_dir or self.output_dir / "checkpoints"
 
     @model_validator(mode="after")
     def _episodes_fit_the_engine(self) -> LonghaulConfig:
