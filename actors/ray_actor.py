@@ -14,12 +14,15 @@ it), so several independent engines share one group.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 from typing import Any
 
 import ray
 
 from longhaul.config import LonghaulConfig
+
+log = logging.getLogger(__name__)
 
 
 class RolloutActorHost:
@@ -130,6 +133,22 @@ class RayActorsClient:
 
     def finish_weight_update(self, weight_version: str | None = None) -> None:
         self._all([h.finish_weight_update.remote(weight_version) for h in self._handles])
+
+
+def start_ray(address: str | None = None, attempts: int = 3, **init_options: Any) -> None:
+    """`ray.init`, retried when a local node misses its registration window.
+
+    Ray gives a starting local node a fixed 30 s to register with its GCS; on a loaded 2-core machine (an engine
+    from a previous run still shutting down, say) that window can pass, and a second try a moment later succeeds."""
+    for attempt in range(1, attempts + 1):
+        try:
+            ray.init(address=address, include_dashboard=False, log_to_driver=False, **init_options)
+            return
+        except Exception as error:  # Ray raises a bare Exception for this one
+            if "timed out during startup" not in str(error) or attempt == attempts:
+                raise
+            log.warning("Ray's local node did not start in time (attempt %d of %d): retrying", attempt, attempts)
+            ray.shutdown()
 
 
 def config_for_ray(config: LonghaulConfig) -> dict[str, Any]:

@@ -148,10 +148,10 @@ class TrainingRun:
     def _start_actors(self, stack: contextlib.ExitStack, model_dir: Path, redis_url: str, tool_address: str):
         import ray
 
-        from longhaul.actors.ray_actor import RolloutActorHost, config_for_ray
+        from longhaul.actors.ray_actor import RolloutActorHost, config_for_ray, start_ray
 
         config = self.config
-        ray.init(address=config.train.ray_address, include_dashboard=False, log_to_driver=False)
+        start_ray(config.train.ray_address)
         stack.callback(ray.shutdown)
         gpus = 1 if torch.cuda.is_available() else 0
         host_class = ray.remote(RolloutActorHost).options(num_cpus=config.train.actor_num_cpus, num_gpus=gpus)

@@ -26,7 +26,7 @@ def test_a_ray_hosted_actor_and_the_learner_train_together_with_weights_flowing_
         tiny_model_dir, redis_server, redis_client, run_name, tmp_path):
     import ray
 
-    from longhaul.actors.ray_actor import RayActorsClient, RolloutActorHost, config_for_ray
+    from longhaul.actors.ray_actor import RayActorsClient, RolloutActorHost, config_for_ray, start_ray
     from longhaul.actors.tool_service import ToolServerProcess
     from longhaul.learner.trainer import Learner
 
@@ -40,8 +40,7 @@ def test_a_ray_hosted_actor_and_the_learner_train_together_with_weights_flowing_
     ]
     config = load_config(None, overrides)
     store = TrajectoryStore(redis_client, run_name, config.buffer)
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"VLLM_CPU_KVCACHE_SPACE": "1"}})
+    start_ray(num_cpus=4, runtime_env={"env_vars": {"VLLM_CPU_KVCACHE_SPACE": "1"}})
     try:
         with ToolServerProcess(config.tools, config.world) as tools:
             host = ray.remote(RolloutActorHost).options(num_cpus=1).remote(
