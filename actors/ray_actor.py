@@ -42,8 +42,10 @@ class RolloutActorHost:
         self._stop = asyncio.Event()
         self._running: asyncio.Task | None = None
 
-    async def start(self) -> int:
-        """Start the engine and the episodes; returns the engine's worker count (its ranks in the sync group)."""
+    async def start(self) -> dict[str, Any]:
+        """Start the engine and the episodes. Returns the engine's worker count (its ranks in the sync group) and
+        the address of this process's Prometheus /metrics."""
+        from prometheus_client import start_http_server
         from transformers import AutoTokenizer
 
         from longhaul.actors.agent_loop import ChatFormat
@@ -62,7 +64,9 @@ class RolloutActorHost:
                                    chat=ChatFormat(AutoTokenizer.from_pretrained(self._model_dir)), store=store,
                                    tasks=tasks, agent=config.agent, config=config.actor, seed=self._seed)
         self._running = asyncio.create_task(self._actor.run(self._stop))
-        return config.engine.tensor_parallel_size
+        server, _ = start_http_server(0, addr=config.train.metrics_host)
+        return {"workers": config.engine.tensor_parallel_size,
+                "metrics": f"{config.train.metrics_host}:{server.server_port}"}
 
     async def stop(self) -> int:
         """Stop admitting groups, let those in flight finish, shut the engine down; returns trajectories appended."""

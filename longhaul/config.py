@@ -459,6 +459,10 @@ class TrainConfig(_Section):
     status_interval_s: float = Field(default=10.0, gt=0)
     """Seconds between status lines when the output is not a terminal (logs, CI)."""
 
+    metrics_host: str = "127.0.0.1"
+    """Address every process of the run serves Prometheus /metrics on (each on a free port); the driver lists them
+    all in `<run_dir>/<run_name>/prometheus_targets.json` for Prometheus file discovery."""
+
 
 class LonghaulConfig(_Section):
     """A whole run."""

@@ -72,6 +72,8 @@ class TrainingRun:
         self._store = None
         self._hosts: list = []
         self._progress = _Progress(started=time.monotonic())
+        self._metrics_targets: dict[str, list[str]] = {}
+        """Prometheus /metrics addresses by component."""
 
     def run(self) -> dict[str, Any]:
         """Train to the end or to a stop request; returns the run summary (also written to summary.json)."""
@@ -108,6 +110,9 @@ class TrainingRun:
             # in this process makes every fork log a warning.
             control = stack.enter_context(self._control_server())
             print(f"  control    {control.address} (longhaul status | pause | resume | stop)", flush=True)
+            targets = self._serve_metrics()
+            print(f"  metrics    {', '.join(t for ts in self._metrics_targets.values() for t in ts)} "
+                  f"(Prometheus file discovery: {targets})", flush=True)
             learner = self._start_learner(model_dir, store, hosts, workers)
             self._learner, self._store, self._hosts = learner, store, hosts
             print(f"  learner    step {learner.step}, weights sent to {len(hosts)} actor(s)", flush=True)
@@ -145,6 +150,22 @@ class TrainingRun:
             finally:
                 path.unlink(missing_ok=True)
 
+    def _serve_metrics(self) -> Path:
+        """Serve this process's metrics (learner, buffer) and write every process's address for Prometheus file
+        discovery (`file_sd_configs`); returns that file."""
+        from prometheus_client import start_http_server
+
+        host = self.config.train.metrics_host
+        server, _ = start_http_server(0, addr=host)
+        self._metrics_targets["driver"] = [f"{host}:{server.server_port}"]
+        groups = [{"targets": addresses, "labels": {"job": "longhaul", "run": self.config.run_name, "component": c}}
+                  for c, addresses in sorted(self._metrics_targets.items())]
+        path = self.output_dir / "prometheus_targets.json"
+        partial = path.with_suffix(".json.partial")
+        partial.write_text(json.dumps(groups, indent=2) + "\n")
+        partial.replace(path)  # Prometheus re-reads the file on change: never show it half written
+        return path
+
     def _start_actors(self, stack: contextlib.ExitStack, model_dir: Path, redis_url: str, tool_address: str):
         import ray
 
@@ -160,8 +181,9 @@ class TrainingRun:
                  for i in range(config.train.actors)]
         stack.callback(self._stop_actors, hosts)
         print(f"  actors     starting {len(hosts)} (engine start takes ~20 s on CPU) ...", flush=True)
-        workers = ray.get([host.start.remote() for host in hosts])
-        return hosts, workers
+        started = ray.get([host.start.remote() for host in hosts])
+        self._metrics_targets["actor"] = [s["metrics"] for s in started]
+        return hosts, [s["workers"] for s in started]
 
     @staticmethod
     def _stop_actors(hosts) -> None:

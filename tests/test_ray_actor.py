@@ -49,9 +49,9 @@ def _scenario(model_dir: str, redis_url: str, run_name: str, checkpoint_dir: str
         with ToolServerProcess(config.tools, config.world) as tools:
             host = ray.remote(RolloutActorHost).options(num_cpus=1).remote(
                 "actor-0", config_for_ray(config), model_dir, redis_url, tools.address)
-            workers = ray.get(host.start.remote(), timeout=300)
+            started = ray.get(host.start.remote(), timeout=300)
             learner = Learner(config, Path(model_dir), store)
-            client = RayActorsClient([host], [workers])
+            client = RayActorsClient([host], [started["workers"]])
             learner.connect_actors(client, backend="longhaul_gloo", master_address="127.0.0.1",
                                    master_port=free_port(), world_size=client.world_size,
                                    engine_dtype=torch.bfloat16)

@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -28,6 +29,11 @@ def _command(tmp_path: Path, model_cache: Path, *extra: str) -> list[str]:
             "agent.max_episode_tokens=2048", "agent.constrained_tool_calls=true", "engine.max_model_len=2048",
             "engine.max_num_seqs=16", "engine.cpu_kvcache_space_gib=1", "train.status_interval_s=1",
             *(f"world.{k}={v}" for k, v in SMALL_WORLD.model_dump().items())]
+
+
+def _scrape(address: str) -> str:
+    with urllib.request.urlopen(f"http://{address}/metrics", timeout=10) as response:
+        return response.read().decode()
 
 
 def _steps(run_dir: Path) -> list[dict]:
@@ -53,6 +59,12 @@ def test_train_runs_the_stack_stops_cleanly_on_ctrl_c_and_resumes(tmp_path: Path
         assert status.state == "running" and status.learner_step >= 2 and status.total_steps == 1000
         assert [a.state for a in status.actors] == ["running"]
         assert status.actors[0].weight_version >= 1  # the learner's weights reached the actor
+        targets = json.loads((run_dir / "prometheus_targets.json").read_text())
+        scraped = {group["labels"]["component"]: [_scrape(t) for t in group["targets"]] for group in targets}
+        assert sorted(scraped) == ["actor", "driver"]
+        assert "longhaul_learner_steps_total" in scraped["driver"][0]
+        assert "longhaul_buffer_committed_total" in scraped["driver"][0]
+        assert "longhaul_actor_generated_tokens_total" in scraped["actor"][0]
         process.send_signal(signal.SIGINT)
         output, _ = process.communicate(timeout=300)
     finally:
