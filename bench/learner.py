@@ -110,6 +110,7 @@ async def measure_sync(args, model_dir: Path) -> list[dict]:
     from longhaul.actors.engine import InferenceEngine
     from longhaul.config import EngineConfig
     from longhaul.learner.broadcast import WeightBroadcaster
+    from longhaul.net import free_port
     from longhaul.weight_sync import LoopClient
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
@@ -117,14 +118,9 @@ async def measure_sync(args, model_dir: Path) -> list[dict]:
                                                                 cpu_kvcache_space_gib=1)).start()
     rows = []
     try:
-        import socket
-
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
         broadcaster = await asyncio.to_thread(
             WeightBroadcaster, model, LoopClient(engine, asyncio.get_running_loop()), backend="longhaul_gloo",
-            master_address="127.0.0.1", master_port=port, world_size=2, engine_dtype=torch.bfloat16,
+            master_address="127.0.0.1", master_port=free_port(), world_size=2, engine_dtype=torch.bfloat16,
             bucket_bytes=64 << 20)
         params = list(model.named_parameters(remove_duplicate=False))
         target = torch.empty(broadcaster.bytes_per_sync, dtype=torch.uint8)

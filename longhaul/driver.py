@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import socket
 import sys
 import threading
 import time
@@ -29,6 +28,7 @@ from typing import Any
 import torch
 
 from longhaul.config import LonghaulConfig
+from longhaul.net import free_port
 
 log = logging.getLogger(__name__)
 
@@ -200,7 +200,7 @@ class TrainingRun:
         learner = Learner(self.config, model_dir, store)
         client = RayActorsClient(hosts, workers)
         learner.connect_actors(client, backend=weight_transfer_backend(self.config.engine),
-                               master_address=_local_address(), master_port=_free_port(),
+                               master_address=_local_address(), master_port=free_port(""),
                                world_size=client.world_size, engine_dtype=getattr(torch, self.config.engine.dtype))
         return learner
 
@@ -317,12 +317,6 @@ def _plot(records: list[dict[str, Any]], path: Path, title: str) -> None:
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     plt.close(figure)
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("", 0))
-        return sock.getsockname()[1]
 
 
 def _local_address() -> str:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -28,6 +27,7 @@ from longhaul.control import (
     write_address_file,
 )
 from longhaul.control_cli import add_control_commands, cmd_pause, cmd_resume, cmd_scale, cmd_status, cmd_stop
+from longhaul.net import free_port
 from longhaul.v1 import control_pb2 as pb
 from longhaul.v1 import control_pb2_grpc as pb_grpc
 
@@ -103,13 +103,6 @@ def server(run: RecordingRun) -> Iterator[ControlServer]:
 def client(server: ControlServer) -> Iterator[ControlClient]:
     with ControlClient(server.address, timeout_s=5.0) as client:
         yield client
-
-
-def _free_port() -> int:
-    """A port nothing listens on (bound and released at once; no server in this test takes it)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 # ----------------------------------------------------------------------------------------------- status and scale
@@ -199,7 +192,7 @@ def test_server_keeps_serving_after_a_refusal(run, client):
 
 
 def test_client_pointed_at_no_server_fails_within_its_timeout_saying_what_to_do():
-    address = f"127.0.0.1:{_free_port()}"
+    address = f"127.0.0.1:{free_port()}"
     started = time.monotonic()
     with ControlClient(address, timeout_s=2.0) as client, pytest.raises(ControlError) as error:
         client.status()

@@ -17,8 +17,8 @@ from transformers import AutoModelForCausalLM
 from longhaul.buffer.redis_server import connect
 from longhaul.buffer.store import TrajectoryStore
 from longhaul.config import BufferConfig, StalenessConfig
+from longhaul.net import free_port
 from longhaul.synthetic import policy_trajectories
-from tests.weight_trainer import free_port
 
 STEPS = 4
 BATCH = 8

@@ -15,9 +15,9 @@ from transformers import AutoModelForCausalLM
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
 from longhaul.config import EngineConfig, load_config
+from longhaul.net import free_port
 from longhaul.synthetic import policy_trajectories
 from longhaul.weight_sync import LoopClient
-from tests.weight_trainer import free_port
 
 pytestmark = pytest.mark.slow
 

@@ -17,8 +17,8 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
 from longhaul.buffer.store import TrajectoryStore
 from longhaul.config import load_config
+from longhaul.net import free_port
 from tests.conftest import SMALL_WORLD
-from tests.weight_trainer import free_port
 
 pytestmark = pytest.mark.slow
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
-import socket
 import subprocess
 import sys
 import time
@@ -34,6 +33,7 @@ from longhaul.actors.tool_service import (
     start_server,
 )
 from longhaul.config import ToolServiceConfig, WorldConfig
+from longhaul.net import free_port
 from longhaul.v1 import tools_pb2 as pb
 from longhaul.v1 import tools_pb2_grpc as pb_grpc
 
@@ -73,12 +73,6 @@ async def tool_server(world: SearchWorld, port: int = 0, **settings) -> AsyncIte
     finally:
         await server.stop(None)
         servicer.close()
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def metric(name: str, **labels: str) -> float:

@@ -6,12 +6,13 @@ actor through Ray; `Trainer.sync` answers those calls on the engine's side."""
 from __future__ import annotations
 
 import multiprocessing
-import socket
 import traceback
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
+
+from longhaul.net import free_port
 
 SPAWN = multiprocessing.get_context("spawn")
 
@@ -84,12 +85,6 @@ def _trainer(conn, model_dir: str, out_dir: str, port: int, seed: int, drop: str
         conn.send(("done", None))
     except BaseException:
         conn.send(("failed", traceback.format_exc()))
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class Trainer:
