@@ -37,7 +37,7 @@ from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalize
 from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM, Qwen2Tokenizer
 from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX as QWEN2_PRETOKENIZE_REGEX
 
-from longhaul.config import ModelConfig
+from longhaul.config import ModelConfig, WorldConfig
 
 ENDOFTEXT = "<|endoftext|>"
 IM_START = "<|im_start|>"
@@ -242,6 +242,18 @@ def ensure_model(path: str | Path | None, config: ModelConfig, texts_factory: Ca
     except FileExistsError:
         # Another process finished the same build between our check and our rename.
         return validate_model_dir(target)
+
+
+def ensure_run_model(model: ModelConfig, world: WorldConfig) -> Path:
+    """`ensure_model` for a run: `model.path` if set, else the tiny model with its tokenizer trained on `world`'s
+    corpus. The search world (bm25s, and numba with it) is imported only when the corpus is needed."""
+
+    def corpus() -> list[str]:
+        from longhaul.actors.search_world import SearchWorld
+
+        return SearchWorld.generate(world).corpus_texts()
+
+    return ensure_model(model.path, model, corpus)
 
 
 def tiny_model_key(config: ModelConfig, texts: Iterable[str]) -> str:

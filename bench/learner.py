@@ -155,16 +155,11 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
-    from longhaul.actors.tiny_model import ensure_model
+    from longhaul.actors.tiny_model import ensure_run_model
     from longhaul.buffer.redis_server import EmbeddedRedis
     from longhaul.config import ModelConfig, WorldConfig
 
-    def corpus():
-        from longhaul.actors.search_world import SearchWorld
-
-        return SearchWorld.generate(WorldConfig()).corpus_texts()
-
-    model_dir = ensure_model(None, ModelConfig(cache_dir=Path(args.model_cache)), corpus)
+    model_dir = ensure_run_model(ModelConfig(cache_dir=Path(args.model_cache)), WorldConfig())
     print(f"{os.cpu_count()} cores; tiny model {model_dir.name}")
     with tempfile.TemporaryDirectory(prefix="longhaul-bench-learner-") as tmp, \
             EmbeddedRedis(Path(tmp) / "redis") as server:

@@ -104,11 +104,9 @@ def cmd_redis(config: LonghaulConfig, args: argparse.Namespace) -> int:
 
 def cmd_make_model(config: LonghaulConfig, args: argparse.Namespace) -> int:
     """Build the tiny model (tokenizer trained on the simulated corpus) if missing; print its directory."""
-    from longhaul.actors.search_world import SearchWorld
-    from longhaul.actors.tiny_model import ensure_model
+    from longhaul.actors.tiny_model import ensure_run_model
 
-    path = ensure_model(config.model.path, config.model, lambda: SearchWorld.generate(config.world).corpus_texts())
-    print(path)
+    print(ensure_run_model(config.model, config.world))
     return 0
 
 
@@ -131,19 +129,14 @@ def cmd_learner(config: LonghaulConfig, args: argparse.Namespace) -> int:
     Under torchrun (`torchrun --nproc-per-node N -m longhaul.cli learner ...`) the N processes shard it with FSDP2."""
     import logging
 
-    from longhaul.actors.tiny_model import ensure_model
+    from longhaul.actors.tiny_model import ensure_run_model
     from longhaul.buffer.store import TrajectoryStore
     from longhaul.learner import distributed
     from longhaul.learner.trainer import Learner
 
-    def corpus():
-        from longhaul.actors.search_world import SearchWorld  # bm25s and numba: only when the tiny model is built
-
-        return SearchWorld.generate(config.world).corpus_texts()
-
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     distributed.init_from_environment()
-    model_dir = ensure_model(config.model.path, config.model, corpus)
+    model_dir = ensure_run_model(config.model, config.world)
     if args.metrics_port is not None:
         from prometheus_client import start_http_server
 

@@ -77,7 +77,7 @@ class TrainingRun:
 
     def run(self) -> dict[str, Any]:
         """Train to the end or to a stop request; returns the run summary (also written to summary.json)."""
-        from longhaul.actors.tiny_model import ensure_model
+        from longhaul.actors.tiny_model import ensure_run_model
         from longhaul.buffer.redis_server import connect, redis_for_run
         from longhaul.buffer.store import TrajectoryStore
         from longhaul.learner.checkpoint import latest_checkpoint
@@ -91,7 +91,7 @@ class TrainingRun:
             raise RunError(f"--resume: no checkpoint of run {config.run_name!r} in {config.checkpoint_dir}")
         self.output_dir.mkdir(parents=True, exist_ok=True)
         print(f"longhaul train: run {config.run_name!r}, outputs in {self.output_dir}", flush=True)
-        model_dir = ensure_model(config.model.path, config.model, self._corpus)
+        model_dir = ensure_run_model(config.model, config.world)
         print(f"  model      {model_dir}", flush=True)
         started = time.monotonic()
         with contextlib.ExitStack() as stack:
@@ -125,11 +125,6 @@ class TrainingRun:
         return self._summarize(time.monotonic() - started)
 
     # ---- bring-up -----------------------------------------------------------------------------------------------
-
-    def _corpus(self):
-        from longhaul.actors.search_world import SearchWorld  # bm25s and numba: only when the tiny model is built
-
-        return SearchWorld.generate(self.config.world).corpus_texts()
 
     @contextlib.contextmanager
     def _tool_server(self):
