@@ -89,7 +89,7 @@ class FifoSampler:
             size += len(members)
             if size == self.batch_size:
                 break
-        if size < self.batch_size and not self._stale_groups_only(chosen):
+        if size < self.batch_size and not self._includes_partial_group(chosen):
             return None
         batch: list[Delivery] = []
         for group in chosen:
@@ -100,7 +100,7 @@ class FifoSampler:
             batch += members
         return batch or None
 
-    def _stale_groups_only(self, chosen: list[str]) -> bool:
+    def _includes_partial_group(self, chosen: list[str]) -> bool:
         """A short batch is released only when a partial group in it has waited out `group_wait_s`: otherwise
         waiting for more complete groups gives the learner the batch size it was configured with."""
         return any(len(self._groups[g]) < self.group_size for g in chosen)

@@ -94,12 +94,16 @@ class Learner:
         self.sampler = sampler or (FifoSampler(store, settings.consumer, batch_size=config.buffer.staleness.batch_size,
                                                group_size=config.actor.group_size) if self.rank == 0 else None)
         self.step = 0
-        self.version = 0
-        """Policy version of the current weights: the initial weights are version 0, each step adds one."""
         self.broadcaster: WeightBroadcaster | None = None
         self._uncommitted: list[Delivery] = []
         if resume_from is not None:
             self._resume(resume_from)
+
+    @property
+    def version(self) -> int:
+        """Policy version of the current weights: the initial weights are version 0 and each step adds one, so it
+        is the step count (kept in checkpoints under both names for people reading `state.json`)."""
+        return self.step
 
     # ---- the loop ---------------------------------------------------------------------------------------------
 
@@ -187,7 +191,6 @@ class Learner:
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
         self.step += 1
-        self.version += 1
 
         def joined(k: int, dtype: torch.dtype) -> torch.Tensor:
             return torch.cat([p[k] for p in parts])[None] if parts else torch.zeros(1, 0, dtype=dtype)
@@ -252,8 +255,7 @@ class Learner:
             self._uncommitted = []
             torch.distributed.barrier()
             return time.perf_counter() - started
-        consumed = [[d.entry_id.decode() if isinstance(d.entry_id, bytes) else d.entry_id, d.trajectory_id, d.source]
-                    for d in self._uncommitted]
+        consumed = [[d.entry_id.decode(), d.trajectory_id, d.source] for d in self._uncommitted]
         state = {
             "step": self.step, "version": self.version, "optimizer": optimizer_state, "world_size": self.world_size,
             "scheduler": self.scheduler.state_dict(), "torch_rng": torch.get_rng_state(),
@@ -289,7 +291,7 @@ class Learner:
         random.setstate(state["python_rng"])
         if self.sampler is not None:
             self.sampler.load_state_dict(state["sampler"])
-        self.step, self.version = int(state["step"]), int(state["version"])
+        self.step = int(state["step"])
         # The crash may have come between writing the checkpoint and its commit: repeat the commit (idempotent).
         if self.rank == 0:
             self._store.commit(self.config.learner.consumer, self.step,

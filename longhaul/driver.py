@@ -215,7 +215,7 @@ class TrainingRun:
                 progress.tokens += record["tokens"]
                 progress.last = record
             now = time.monotonic()
-            if interactive or now - last_line >= config.train.status_interval_s or record is None and not last_line:
+            if interactive or now - last_line >= config.train.status_interval_s:
                 line = progress.line(config, store.stats())
                 print(f"\r{line:<140}" if interactive else line, end="" if interactive else "\n", flush=True)
                 last_line = now
