@@ -18,6 +18,7 @@ from longhaul.config import EngineConfig, load_config
 from longhaul.net import free_port
 from longhaul.synthetic import policy_trajectories
 from longhaul.weight_sync import LoopClient
+from tests.weight_trainer import next_token_logprobs
 
 pytestmark = pytest.mark.slow
 
@@ -28,13 +29,6 @@ PROMPT = [1, 5, 6, 7, 9, 11, 2, 3]
 # 10× these bounds, so passing them means the new weights arrived.
 BF16_TOLERANCE = 3e-2
 FP32_TOLERANCE = 6e-2
-
-
-def _logprobs(model: torch.nn.Module, tokens: list[int]) -> torch.Tensor:
-    with torch.no_grad():
-        logits = model(torch.tensor([PROMPT + tokens])).logits.float()
-    logprobs = torch.log_softmax(logits[0, len(PROMPT) - 1:-1], dim=-1)
-    return logprobs[torch.arange(len(tokens)), torch.tensor(tokens)]
 
 
 def test_after_training_and_a_broadcast_the_engine_samples_with_the_learners_weights(
@@ -75,7 +69,7 @@ def test_after_training_and_a_broadcast_the_engine_samples_with_the_learners_wei
     engine_logprobs = torch.tensor(after.logprobs)
     learner_bf16 = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.bfloat16)
     learner_bf16.load_state_dict({k: v.to(torch.bfloat16) for k, v in learner.model.state_dict().items()})
-    assert (engine_logprobs - _logprobs(learner_bf16, after.token_ids)).abs().max() < BF16_TOLERANCE
-    assert (engine_logprobs - _logprobs(learner.model, after.token_ids)).abs().max() < FP32_TOLERANCE
+    assert (engine_logprobs - next_token_logprobs(learner_bf16, PROMPT, after.token_ids)).abs().max() < BF16_TOLERANCE
+    assert (engine_logprobs - next_token_logprobs(learner.model, PROMPT, after.token_ids)).abs().max() < FP32_TOLERANCE
     # The bound is meaningful: the initial weights score the same tokens far outside it.
-    assert (engine_logprobs - _logprobs(initial, after.token_ids)).abs().max() > 10 * BF16_TOLERANCE
+    assert (engine_logprobs - next_token_logprobs(initial, PROMPT, after.token_ids)).abs().max() > 10 * BF16_TOLERANCE

@@ -15,7 +15,7 @@ import torch
 
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
-from tests.weight_trainer import Trainer
+from tests.weight_trainer import Trainer, next_token_logprobs
 
 pytestmark = pytest.mark.slow
 
@@ -30,11 +30,7 @@ def _hf_logprobs(model_dir: Path, tokens: list[int]) -> torch.Tensor:
     """log π(token_t | tokens_<t) under transformers, for every generated token after PROMPT."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16)
-    with torch.no_grad():
-        logits = model(torch.tensor([PROMPT + tokens])).logits.float()
-    logprobs = torch.log_softmax(logits[0, len(PROMPT) - 1:-1], dim=-1)
-    return logprobs[torch.arange(len(tokens)), torch.tensor(tokens)]
+    return next_token_logprobs(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16), PROMPT, tokens)
 
 
 def _sample(llm) -> tuple[list[int], torch.Tensor, list]:

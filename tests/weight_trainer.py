@@ -26,6 +26,14 @@ def perturbed(model: torch.nn.Module, seed: int) -> torch.nn.Module:
     return model
 
 
+def next_token_logprobs(model: torch.nn.Module, prompt: list[int], tokens: list[int]) -> torch.Tensor:
+    """log π(token_t | prompt, tokens_<t) under a transformers model, for every token after `prompt`."""
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt + tokens])).logits.float()
+    logprobs = torch.log_softmax(logits[0, len(prompt) - 1:-1], dim=-1)
+    return logprobs[torch.arange(len(tokens)), torch.tensor(tokens)]
+
+
 class PipeClient:
     """`VLLMWeightSyncClient` over a pipe: each call is answered by the process that owns the engine."""
 
