@@ -30,7 +30,7 @@ import math
 import random
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from transformers import AutoModelForCausalLM
@@ -40,10 +40,12 @@ from longhaul.config import LonghaulConfig
 from longhaul.learner import distributed, metrics
 from longhaul.learner.advantages import group_advantages
 from longhaul.learner.batch import pack_micro_batches, token_logprobs
-from longhaul.learner.broadcast import WeightBroadcaster
 from longhaul.learner.checkpoint import latest_checkpoint, load_trainer_state, save_checkpoint
 from longhaul.learner.losses import LossOutput, compute_loss, importance_stats
 from longhaul.learner.sampler import FifoSampler, Sampler
+
+if TYPE_CHECKING:  # vLLM is imported only by a learner that talks to engines: loading it costs seconds
+    from longhaul.learner.broadcast import WeightBroadcaster
 
 log = logging.getLogger(__name__)
 
@@ -306,6 +308,8 @@ class Learner:
         """Open the weight-transfer group with the actors' engines (reached through `client`) and send them the
         current weights, so that actors joining a resumed run start from the learner's policy. Every learner process
         calls it (each full tensor is gathered collectively); only rank 0 uses `client` and sends."""
+        from longhaul.learner.broadcast import WeightBroadcaster
+
         self.broadcaster = WeightBroadcaster(
             self.model, client, rank=self.rank, backend=backend, master_address=master_address, master_port=master_port,
             world_size=world_size, engine_dtype=engine_dtype, bucket_bytes=self.config.learner.sync_bucket_mib << 20,
