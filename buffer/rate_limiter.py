@@ -35,16 +35,17 @@ local function limiter_state(limiter, stream)
 end
 """
 
-# KEYS: limiter hash, stream. ARGV: spi, min_size, max_diff, then field/value pairs of the stream entry.
-# Returns the new entry id, or false when the insert would push d above max_diff. Only used with a ratio: the
-# payload passes through Lua arguments, which costs two extra copies of it on the server.
+# KEYS: limiter hash, stream, holdings hash. ARGV: spi, min_size, max_diff, holder ('' for none), then field/value
+# pairs of the stream entry. Returns the new entry id, or false when the insert would push d above max_diff. Only used
+# with a ratio: the payload passes through Lua arguments, which costs two extra copies of it on the server.
 _INSERT = _STATE + """
 local inserts, samples = limiter_state(KEYS[1], KEYS[2])
 local spi, min_size, max_diff = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
 if inserts >= min_size and (inserts + 1) * spi - samples > max_diff then
   return false
 end
-return redis.call('XADD', KEYS[2], '*', unpack(ARGV, 4))
+if ARGV[4] ~= '' then redis.call('HINCRBY', KEYS[3], ARGV[4], -1) end
+return redis.call('XADD', KEYS[2], '*', unpack(ARGV, 5))
 """
 
 # KEYS: limiter hash, stream. ARGV: spi, min_size, min_diff, wanted. Grants 0..wanted samples, as many as keep
@@ -105,18 +106,26 @@ class RateLimiter:
         length, (deleted, samples) = pipe.execute()
         return LimiterState(length + int(deleted or 0), int(samples or 0))
 
-    def try_insert(self, fields: dict[str, bytes | str]) -> bytes | None:
-        """XADD `fields` to the stream if the limiter allows it now; else None."""
-        if not self.enforces_ratio:
-            return self._client.xadd(self.stream_key, fields)  # every insert is allowed: nothing to check
-        args: list = [self.config.samples_per_insert, self.config.min_size_to_sample, self.max_diff]
+    def try_insert(self, fields: dict[str, bytes | str], settle: tuple[str, str] | None = None) -> bytes | None:
+        """XADD `fields` to the stream if the limiter allows it now; else None. `settle` = (holdings hash, holder):
+        decrement that holder's admissions in the same atomic step (see `StalenessGate`)."""
+        if not self.enforces_ratio:  # every insert is allowed: nothing to check
+            if settle is None:
+                return self._client.xadd(self.stream_key, fields)
+            pipe = self._client.pipeline(transaction=True)
+            pipe.xadd(self.stream_key, fields)
+            pipe.hincrby(settle[0], settle[1], -1)
+            return pipe.execute()[0]
+        holdings, holder = settle or (self.key, "")
+        args: list = [self.config.samples_per_insert, self.config.min_size_to_sample, self.max_diff, holder]
         for name, value in fields.items():
             args += [name, value]
-        return self._insert(keys=[self.key, self.stream_key], args=args)
+        return self._insert(keys=[self.key, self.stream_key, holdings], args=args)
 
-    def insert(self, fields: dict[str, bytes | str], timeout_s: float | None) -> bytes:
+    def insert(self, fields: dict[str, bytes | str], timeout_s: float | None,
+               settle: tuple[str, str] | None = None) -> bytes:
         """Like `try_insert`, waiting up to `timeout_s` (None: forever) for room. Returns the entry id."""
-        return self._wait("insert", lambda: self.try_insert(fields), timeout_s)
+        return self._wait("insert", lambda: self.try_insert(fields, settle), timeout_s)
 
     def try_sample(self, wanted: int) -> int:
         """Grant up to `wanted` samples now; returns how many (possibly 0)."""

@@ -7,6 +7,11 @@ learner by at most s batches instead of flooding the buffer.
 
 At train time a trajectory whose oldest generated token is more than s versions old is dropped or down-weighted,
 by config, and counted either way.
+
+Admissions are also kept per holder (the actor that asked) in a `holdings` hash: +n when admitted, −1 in the same
+transaction as the XADD of each of its trajectories (`TrajectoryStore.append`), −n on `release`. An actor that dies
+with episodes in flight leaves exactly their count there, and `release_holder` returns those slots. Without it every
+killed actor would shrink the admission window for good, and enough kills would stall the run.
 """
 
 from __future__ import annotations
@@ -19,13 +24,15 @@ import redis
 from longhaul.buffer import metrics
 from longhaul.config import StalenessConfig
 
-# KEYS: version key, counters hash. ARGV: max_staleness, batch_size, n. Returns 1 if admitted, else 0.
+# KEYS: version key, counters hash, holdings hash. ARGV: max_staleness, batch_size, n, holder ('' for none).
+# Returns 1 if admitted, else 0.
 _ADMIT = """
 local version = tonumber(redis.call('GET', KEYS[1]) or '0')
 local admitted = tonumber(redis.call('HGET', KEYS[2], 'admitted') or '0')
 local n = tonumber(ARGV[3])
 if admitted + n <= (version + tonumber(ARGV[1]) + 1) * tonumber(ARGV[2]) then
   redis.call('HINCRBY', KEYS[2], 'admitted', n)
+  if ARGV[4] ~= '' then redis.call('HINCRBY', KEYS[3], ARGV[4], n) end
   return 1
 end
 redis.call('HINCRBY', KEYS[2], 'admission_rejected', n)
@@ -38,6 +45,15 @@ local current = tonumber(redis.call('GET', KEYS[1]) or '-1')
 local new = tonumber(ARGV[1])
 if new > current then redis.call('SET', KEYS[1], new); return new end
 return current
+"""
+
+# KEYS: counters hash, holdings hash. ARGV: holder. Returns the admissions released (the holder's episodes that never
+# produced a trajectory); a negative holding (appends without admission, e.g. tools writing directly) releases none.
+_RELEASE_HOLDER = """
+local held = tonumber(redis.call('HGET', KEYS[2], ARGV[1]) or '0')
+redis.call('HDEL', KEYS[2], ARGV[1])
+if held > 0 then redis.call('HINCRBY', KEYS[1], 'admitted', -held); return held end
+return 0
 """
 
 
@@ -53,13 +69,16 @@ class StalenessVerdict:
 class StalenessGate:
     """The policy version and both staleness rules of one run."""
 
-    def __init__(self, client: redis.Redis, version_key: str, counters_key: str, config: StalenessConfig):
+    def __init__(self, client: redis.Redis, version_key: str, counters_key: str, holdings_key: str,
+                 config: StalenessConfig):
         self._client = client
         self._version_key = version_key
         self._counters_key = counters_key
+        self.holdings_key = holdings_key
         self.config = config
         self._admit = client.register_script(_ADMIT)
         self._publish = client.register_script(_PUBLISH)
+        self._release_holder = client.register_script(_RELEASE_HOLDER)
 
     def version(self) -> int:
         """The policy version the actors currently have (0 before the first publish)."""
@@ -71,16 +90,30 @@ class StalenessGate:
         metrics.POLICY_VERSION.set(stored)
         return stored
 
-    def try_admit(self, episodes: int = 1) -> bool:
-        """Admit `episodes` new episodes if the admission rule allows all of them; counted (in episodes) either way."""
-        admitted = bool(self._admit(keys=[self._version_key, self._counters_key],
-                                    args=[self.config.max_staleness, self.config.batch_size, episodes]))
+    def try_admit(self, episodes: int = 1, holder: str = "") -> bool:
+        """Admit `episodes` new episodes if the admission rule allows all of them; counted (in episodes) either way.
+        `holder` (the actor's id, which its trajectories carry as `actor_id`) records who holds the admissions."""
+        admitted = bool(self._admit(keys=[self._version_key, self._counters_key, self.holdings_key],
+                                    args=[self.config.max_staleness, self.config.batch_size, episodes, holder]))
         metrics.ADMISSION.labels("admitted" if admitted else "rejected").inc(episodes)
         return admitted
 
-    def release(self, episodes: int = 1) -> None:
-        """Return admissions of episodes that ended without producing a trajectory (e.g. an actor scaled away)."""
-        self._client.hincrby(self._counters_key, "admitted", -episodes)
+    def release(self, episodes: int = 1, holder: str = "") -> None:
+        """Return admissions of episodes that ended without producing a trajectory (e.g. an episode that raised)."""
+        pipe = self._client.pipeline(transaction=True)
+        pipe.hincrby(self._counters_key, "admitted", -episodes)
+        if holder:
+            pipe.hincrby(self.holdings_key, holder, -episodes)
+        pipe.execute()
+
+    def release_holder(self, holder: str) -> int:
+        """Return every admission `holder` still holds (its episodes in flight when it died or was abandoned);
+        returns how many. Call it only once the holder can append no more."""
+        return int(self._release_holder(keys=[self._counters_key, self.holdings_key], args=[holder]))
+
+    def holdings(self) -> dict[str, int]:
+        """Episodes admitted and not yet appended, by holder."""
+        return {k.decode(): int(v) for k, v in self._client.hgetall(self.holdings_key).items()}
 
     def judge(self, oldest_version: int, learner_version: int) -> StalenessVerdict:
         """Decide how training treats a trajectory whose oldest generated token came from `oldest_version`."""

@@ -68,6 +68,8 @@ class RunKeys:
     def history_uses(self) -> str: return self._key("history:uses")  # noqa: E704
     @property
     def history_rounds(self) -> str: return self._key("history:rounds")  # noqa: E704
+    @property
+    def holdings(self) -> str: return self._key("holdings")  # noqa: E704
 
 
 @dataclass(frozen=True, slots=True)
@@ -240,7 +242,8 @@ class TrajectoryStore:
         self.config = config
         self.keys = RunKeys(run_name)
         self.rate_limiter = RateLimiter(client, self.keys.limiter, self.keys.stream, config.rate_limiter)
-        self.staleness = StalenessGate(client, self.keys.version, self.keys.counters, config.staleness)
+        self.staleness = StalenessGate(client, self.keys.version, self.keys.counters, self.keys.holdings,
+                                       config.staleness)
         self._thread_local = threading.local()  # a TrajectoryEncoder per appending thread
         self._commit = client.register_script(_COMMIT)
         self._discard = client.register_script(_DISCARD)
@@ -262,7 +265,9 @@ class TrajectoryStore:
         start = time.perf_counter()
         payload = self._encoder().encode(trajectory)
         try:
-            entry_id = self.rate_limiter.insert({PAYLOAD_FIELD: payload}, timeout_s)
+            # The actor's admission for this episode is settled in the same transaction as the XADD.
+            entry_id = self.rate_limiter.insert({PAYLOAD_FIELD: payload}, timeout_s,
+                                                settle=(self.keys.holdings, trajectory.actor_id))
         finally:
             size = len(payload)
             payload.release()  # the encoder's buffer is reused by the next append
@@ -475,6 +480,7 @@ class TrajectoryStore:
                     continue
                 in_batch.add(trajectory.trajectory_id)
                 verdict = self.staleness.judge(trajectory.oldest_version(), learner_version)
+                metrics.STALENESS.observe(verdict.staleness)
                 if verdict.action == "drop":
                     discards += [entry_id, "stale_drop"]
                 elif verdict.action == "downweight":

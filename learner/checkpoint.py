@@ -79,7 +79,9 @@ def save_checkpoint(directory: Path, step: int, model: torch.nn.Module, trainer_
 
 def load_trainer_state(path: Path) -> dict[str, Any]:
     """The trainer state of checkpoint `path` (tensors and plain Python values only: no pickled code runs)."""
-    return torch.load(Path(path) / "trainer_state.pt", weights_only=True)
+    # On the CPU first: a checkpoint written on a GPU must resume anywhere; the optimizer moves its state to the
+    # parameters' device when it loads it.
+    return torch.load(Path(path) / "trainer_state.pt", weights_only=True, map_location="cpu")
 
 
 def _fsync_tree(root: Path) -> None:

@@ -42,6 +42,12 @@ def init_from_environment() -> None:
         dist.init_process_group(backend)
 
 
+def device() -> torch.device:
+    """Where this learner process trains: its GPU (`cuda:LOCAL_RANK`, selected by `init_from_environment`) when
+    CUDA is available, else the CPU."""
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
 def world() -> tuple[int, int]:
     """(rank, world size) of this learner process."""
     if dist.is_initialized():
@@ -104,6 +110,7 @@ def gather_to_rank0(value: Any) -> list[Any] | None:
 
 
 def all_sum(values: list[float]) -> list[float]:
-    tensor = torch.tensor(values, dtype=torch.float64)
+    # On the process group's device: NCCL reduces CUDA tensors only.
+    tensor = torch.tensor(values, dtype=torch.float64, device=device())
     dist.all_reduce(tensor)
     return tensor.tolist()

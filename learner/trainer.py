@@ -24,6 +24,7 @@ trained on (a step retrained after a crash appears again; the later line is the 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -39,15 +40,19 @@ from longhaul.buffer.store import Consumed, Delivery, TrajectoryStore
 from longhaul.config import LonghaulConfig
 from longhaul.learner import distributed, metrics
 from longhaul.learner.advantages import group_advantages
-from longhaul.learner.batch import pack_micro_batches, token_logprobs
+from longhaul.learner.batch import MicroBatch, pack_micro_batches, token_logprobs
 from longhaul.learner.checkpoint import latest_checkpoint, load_trainer_state, save_checkpoint
 from longhaul.learner.losses import LossOutput, compute_loss, importance_stats
-from longhaul.learner.sampler import FifoSampler, Sampler
+from longhaul.learner.sampler import Sampler, make_sampler
 
 if TYPE_CHECKING:  # vLLM is imported only by a learner that talks to engines: loading it costs seconds
     from longhaul.learner.broadcast import WeightBroadcaster
 
 log = logging.getLogger(__name__)
+
+
+class WeightSyncError(RuntimeError):
+    """A step trained and was logged, but its weights did not reach every actor."""
 
 
 def _version_range(batch: list[Delivery]) -> list[int]:
@@ -57,6 +62,14 @@ def _version_range(batch: list[Delivery]) -> list[int]:
     if not generated:
         return [-1, -1]
     return [min(int(v.min()) for v in generated), max(int(v.max()) for v in generated)]
+
+
+def _to_device(mb: MicroBatch, device: torch.device) -> MicroBatch:
+    """The micro-batch's tensors on the learner's device (the same object on the CPU)."""
+    if device.type == "cpu":
+        return mb
+    return dataclasses.replace(mb, **{f.name: getattr(mb, f.name).to(device, non_blocking=True)
+                                      for f in dataclasses.fields(mb) if isinstance(getattr(mb, f.name), torch.Tensor)})
 
 
 def lr_factor(step: int, warmup_steps: int, total_steps: int, schedule: str) -> float:
@@ -83,7 +96,10 @@ class Learner:
         self.model_dir = resume_from / "model" if resume_from else Path(model_dir)
         torch.manual_seed(settings.seed)
         random.seed(settings.seed)
+        # The process's GPU when there is one (NCCL weight sync and FSDP2 on NCCL need the parameters there), else CPU.
+        self.device = distributed.device()
         self.model = AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=getattr(torch, settings.dtype))
+        self.model.to(self.device)
         self.model.train()
         if self.world_size > 1:
             self.model = distributed.shard(self.model)
@@ -93,8 +109,7 @@ class Learner:
             self.optimizer,
             lambda step: lr_factor(step, settings.warmup_steps, settings.total_steps, settings.schedule))
         # Rank 0 alone reads and commits: the buffer sees one consumer however many processes train.
-        self.sampler = sampler or (FifoSampler(store, settings.consumer, batch_size=config.buffer.staleness.batch_size,
-                                               group_size=config.actor.group_size) if self.rank == 0 else None)
+        self.sampler = sampler or (make_sampler(config, store) if self.rank == 0 else None)
         self.step = 0
         self.broadcaster: WeightBroadcaster | None = None
         self._uncommitted: list[Delivery] = []
@@ -122,13 +137,22 @@ class Learner:
         started = time.perf_counter()
         record = self._update(batch)
         self._uncommitted += batch
+        if self.sampler is not None:  # read, never to be trained (out of a scheduler's window): committed unused
+            self._uncommitted += self.sampler.take_retired()
         record["step_seconds"] = time.perf_counter() - started
         record["wait_seconds"] = waited
         metrics.STEP_SECONDS.observe(record["step_seconds"])
         if self.step % self.config.learner.checkpoint_every == 0:
             record["checkpoint_seconds"] = self.checkpoint()
         if self.broadcaster is not None and self.step % self.config.learner.sync_every == 0:
-            record["weight_sync_seconds"] = self.broadcaster.sync(self.version).seconds
+            try:
+                record["weight_sync_seconds"] = self.broadcaster.sync(self.version).seconds
+            except Exception as error:
+                # The step itself stands (and is logged); the actors keep their older weights until the caller has
+                # re-formed the group (`connect_actors`), which sends the current ones.
+                record["weight_sync_error"] = f"{type(error).__name__}: {error}"
+                self._log_step(record)
+                raise WeightSyncError(f"step {self.step}: weight sync failed: {error}") from error
         self._log_step(record)
         return record
 
@@ -166,7 +190,7 @@ class Learner:
         # need all of them), a rank short of work repeating micro-batch 0 with its loss scaled to nothing.
         passes = -(-len(micro_batches) // self.world_size)
         for index in range(self.rank, passes * self.world_size, self.world_size):
-            mb = micro_batches[index] if index < len(micro_batches) else micro_batches[0]
+            mb = _to_device(micro_batches[index] if index < len(micro_batches) else micro_batches[0], self.device)
             # × N: FSDP averages the ranks' gradients, this loss needs their sum (learner/distributed.py).
             scale = float(self.world_size) if index < len(micro_batches) else 0.0
             logits = self.model(input_ids=mb.input_ids, attention_mask=mb.attention_mask).logits
@@ -179,7 +203,8 @@ class Learner:
                 loss_total += float(loss.detach()) / self.world_size
                 entropy_total += float((entropy * mb.loss_mask).sum())
                 valid = mb.loss_mask > 0
-                parts.append((output.weights[valid], output.clipped[valid], output.masked[valid]))
+                # On the CPU: rank 0 gathers them as objects, and the statistics are a few quantiles.
+                parts.append((output.weights[valid].cpu(), output.clipped[valid].cpu(), output.masked[valid].cpu()))
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), settings.max_grad_norm)
         grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
         if self.world_size > 1:
@@ -202,7 +227,7 @@ class Learner:
         stats = importance_stats(weights, torch.ones_like(weights.weights))
         tokens = sum(mb.tokens for mb in micro_batches)
         record = {
-            "step": self.step, "version": self.version, "loss": loss_total, "grad_norm": grad_norm,
+            "step": self.step, "version": self.version, "time": time.time(), "loss": loss_total, "grad_norm": grad_norm,
             "learning_rate": learning_rate, "reward_mean": float(rewards.mean()),
             "success_rate": sum(d.trajectory.reward_parts.get("exact_match", 0.0) for d in batch) / len(batch),
             "tool_calls_mean": sum(d.trajectory.num_tool_calls for d in batch) / len(batch),
@@ -214,6 +239,7 @@ class Learner:
             "trajectories": len(batch), "tokens": tokens, "trained_tokens": int(valid_tokens),
             "micro_batches": len(micro_batches), "importance": stats,
             "trajectory_ids": [d.trajectory_id for d in batch],
+            "actor_ids": [d.trajectory.actor_id for d in batch],
         }
         self._export(record)
         return record
@@ -304,15 +330,23 @@ class Learner:
     # ---- actors -----------------------------------------------------------------------------------------------
 
     def connect_actors(self, client, *, backend: str, master_address: str, master_port: int, world_size: int,
-                       engine_dtype: torch.dtype) -> WeightBroadcaster:
+                       engine_dtype: torch.dtype, timeout_s: float = 300.0) -> WeightBroadcaster:
         """Open the weight-transfer group with the actors' engines (reached through `client`) and send them the
-        current weights, so that actors joining a resumed run start from the learner's policy. Every learner process
-        calls it (each full tensor is gathered collectively); only rank 0 uses `client` and sends."""
+        current weights, so that actors joining a resumed run start from the learner's policy. Called again when the
+        actors change, the new group replaces the old one. Every learner process calls it (each full tensor is
+        gathered collectively); only rank 0 uses `client` and sends. `timeout_s` bounds each collective."""
         from longhaul.learner.broadcast import WeightBroadcaster
 
+        self.disconnect_actors()  # a new membership replaces the old group
         self.broadcaster = WeightBroadcaster(
             self.model, client, rank=self.rank, backend=backend, master_address=master_address, master_port=master_port,
             world_size=world_size, engine_dtype=engine_dtype, bucket_bytes=self.config.learner.sync_bucket_mib << 20,
-            gate=self._store.staleness if self.rank == 0 else None)
+            gate=self._store.staleness if self.rank == 0 else None, timeout_s=timeout_s)
         self.broadcaster.sync(self.version)
         return self.broadcaster
+
+    def disconnect_actors(self) -> None:
+        """Close the weight-transfer group (no actors left to sync); steps go on without syncing."""
+        if self.broadcaster is not None:
+            self.broadcaster.shutdown()
+            self.broadcaster = None

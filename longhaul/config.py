@@ -216,6 +216,36 @@ class HistoryConfig(_Section):
     """A trajectory leaves the history once it has been trained on this many times (its first, fresh use included)."""
 
 
+class SchedulerConfig(_Section):
+    """The rollout scheduler behind `learner.sampler: uniform | bandit` (docs/scheduler.md). Its candidates are the
+    fresh rollouts of the last `history.rounds` rounds and the replay history; `history.max_times_sampled` caps the
+    uses of each."""
+
+    top_p: float = Field(default=0.5, gt=0, le=1)
+    """Share of each group's candidates a round may select, rounded up (so at least one per group). The batch is
+    the `buffer.staleness.batch_size` best of what the groups keep."""
+
+    exploration: float = Field(default=1.0, ge=0, le=100)
+    """Bandit only: α of the neural-linear UCB bonus α·sqrt(hᵀA⁻¹h), in units of the standardised selection reward.
+    0 is greedy."""
+
+    entropy_weight: float = Field(default=0.1, ge=0, le=100)
+    """w_e in the selection reward R = V_{t+1} − V_t − w_e·1[E_t > e_min]·(E_{t+1} − E_t): how much a rise of
+    the policy's entropy (above `entropy_min`) counts against a selection."""
+
+    entropy_min: float = Field(default=0.3, ge=0)
+    """e_min, nats per generated token: below it a change of entropy is not penalised."""
+
+    learning_rate: float = Field(default=0.01, gt=0, le=1)
+    """Adam learning rate of the scorer."""
+
+    hidden_size: int = Field(default=32, ge=0, le=1024)
+    """Width of the scorer's two hidden layers; 0 makes it linear in the context."""
+
+    seed: int = 0
+    """Seeds the scorer's initial weights (bandit) or the draws (uniform): same seed, same arrivals, same picks."""
+
+
 class BufferConfig(_Section):
     """The Redis Streams trajectory store."""
 
@@ -223,6 +253,7 @@ class BufferConfig(_Section):
     rate_limiter: RateLimiterConfig = RateLimiterConfig()
     staleness: StalenessConfig = StalenessConfig()
     history: HistoryConfig = HistoryConfig()
+    scheduler: SchedulerConfig = SchedulerConfig()
 
     claim_idle_ms: int = Field(default=60_000, ge=1)
     """A delivered entry unacknowledged this long is presumed to belong to a dead consumer and is reclaimed.
@@ -282,7 +313,8 @@ class ToolServiceConfig(_Section):
     """The gRPC tool service and its client."""
 
     address: str | None = None
-    """host:port of a running tool server; None starts one for the run on a free loopback port."""
+    """host:port of a running tool server; None starts one for the run (a Ray actor: on loopback on one machine,
+    on the node's address when `train.ray_address` names a cluster)."""
 
     search_top_k: int = Field(default=5, ge=1, le=50)
     """Hits returned by one `search` call."""
@@ -305,7 +337,21 @@ class ToolServiceConfig(_Section):
 
     simulated_latency_s: float = Field(default=0.0, ge=0)
     """Server only: artificial latency added to every call, to emulate slow remote tools in benchmarks and tests.
-    0 (the default) adds none."""
+    0 (the default) adds none. Under `simulated_latency: lognormal` it is the median latency."""
+
+    simulated_latency: Literal["constant", "lognormal"] = "constant"
+    """Server only: every call waits exactly `simulated_latency_s` (`constant`), or a draw from a lognormal
+    distribution with that median and `simulated_latency_sigma` (`lognormal`): real search and page fetches are
+    long-tailed, and the tail is what makes a synchronous learner wait (bench/async_vs_sync.py)."""
+
+    simulated_latency_sigma: float = Field(default=1.0, ge=0, le=4)
+    """Server only, `lognormal`: standard deviation of the log latency. At 1 the 99th percentile is about 10× the
+    median and the mean 1.65×; 0 is the constant latency."""
+
+    simulated_latency_seed: int = 0
+    """Server only, `lognormal`: seed of the draws. The n-th call a server answers waits the n-th draw, so a server
+    started with the same seed waits the same sequence of latencies (which call gets which depends on arrival
+    order)."""
 
     shutdown_grace_s: float = Field(default=5.0, ge=0)
     """Server only: on SIGTERM/SIGINT, how long calls in flight may take to finish before they are cancelled."""
@@ -419,6 +465,11 @@ class LearnerConfig(_Section):
     sync_bucket_mib: int = Field(default=64, ge=1)
     """Bucket size of a weight broadcast."""
 
+    sampler: Literal["fifo", "uniform", "bandit"] = "fifo"
+    """What the next batch is: whole groups by arrival (`fifo`), or a round of the rollout scheduler over fresh and
+    replayed rollouts (`buffer.scheduler`) choosing uniformly at random (`uniform`) or by the contextual bandit
+    (`bandit`). Both keep the top `buffer.scheduler.top_p` of each group and `history.max_times_sampled`."""
+
     consumer: str = "learner-0"
     """Name of this learner in the buffer's consumer group: a restarted learner must reuse it to get back its
     unacknowledged entries."""
@@ -441,14 +492,65 @@ class ControlConfig(_Section):
     """Largest actor count `longhaul scale` may ask for; larger requests are rejected, naming `actors`."""
 
 
+class AutoscaleConfig(_Section):
+    """The optional autoscaling policy of the actor pool (`longhaul/autoscale.py`)."""
+
+    enabled: bool = False
+    """Let the driver size the pool; `longhaul scale` still sets the target, which the policy then moves from."""
+
+    min_actors: int = Field(default=1, ge=0)
+    """Never fewer actors than this."""
+
+    max_actors: int = Field(default=4, ge=1)
+    """Never more actors than this (each takes `train.actor_num_cpus` CPUs, and a GPU on GPU machines)."""
+
+    window_steps: int = Field(default=10, ge=1)
+    """Learner steps a decision looks back over."""
+
+    wait_share_up: float = Field(default=0.5, gt=0, lt=1)
+    """Add an actor when the learner spent more than this share of the window waiting for batches."""
+
+    wait_share_down: float = Field(default=0.05, ge=0, lt=1)
+    """Remove one only if the learner waited less than this share ..."""
+
+    backlog_batches_down: float = Field(default=2.0, gt=0)
+    """... while more than this many batches sit undelivered in the buffer."""
+
+    cooldown_s: float = Field(default=120.0, ge=0)
+    """Seconds between changes: a new engine takes a while to start and to show in the signals."""
+
+    @model_validator(mode="after")
+    def _bounds_ordered(self) -> AutoscaleConfig:
+        if self.min_actors > self.max_actors:
+            raise ValueError(f"min_actors={self.min_actors} > max_actors={self.max_actors}: no pool size fits both")
+        if self.wait_share_down >= self.wait_share_up:
+            raise ValueError(f"wait_share_down={self.wait_share_down} must be below wait_share_up="
+                             f"{self.wait_share_up}, or the policy would add and remove actors on the same signal")
+        return self
+
+
 class TrainConfig(_Section):
     """`longhaul train`: the processes of a run and where its outputs go."""
 
     actors: int = Field(default=1, ge=1)
-    """Rollout actors (one engine each) to start with."""
+    """Rollout actors (one engine each) to start with; `longhaul scale --actors N` changes it while the run goes."""
 
     actor_num_cpus: float = Field(default=1.0, gt=0)
     """CPUs Ray reserves per actor; on GPUs each actor also takes one GPU."""
+
+    actor_num_gpus: float | None = Field(default=None, ge=0)
+    """GPUs Ray reserves per actor; None: 1 where the driver sees a GPU, else 0. Fractions share a GPU (0.5 puts
+    an actor and the learner on one)."""
+
+    learner_num_cpus: float = Field(default=0.5, gt=0)
+    """CPUs Ray reserves for the learner (a Ray actor). On CPU it uses every core regardless: the reservation only
+    places it."""
+
+    learner_num_gpus: float | None = Field(default=None, ge=0)
+    """GPUs Ray reserves for the learner; None: 1 where the driver sees a GPU, else 0."""
+
+    tool_server_num_cpus: float = Field(default=0.5, gt=0)
+    """CPUs Ray reserves for the tool server (unless `tools.address` points at one already running)."""
 
     ray_address: str | None = None
     """An existing Ray cluster (`ray://host:10001` or `auto`); None starts a local one."""
@@ -462,6 +564,69 @@ class TrainConfig(_Section):
     metrics_host: str = "127.0.0.1"
     """Address every process of the run serves Prometheus /metrics on (each on a free port); the driver lists them
     all in `<run_dir>/<run_name>/prometheus_targets.json` for Prometheus file discovery."""
+
+    health_interval_s: float = Field(default=2.0, gt=0)
+    """Seconds between health checks (a ping) of each running actor. A dead actor is replaced at once."""
+
+    health_timeout_s: float = Field(default=60.0, gt=0)
+    """An actor that has not answered a ping for this long is taken for hung: killed and replaced."""
+
+    start_timeout_s: float = Field(default=600.0, gt=0)
+    """An actor whose engine has not started after this long (e.g. Ray cannot place it) is killed and retried."""
+
+    drain_timeout_s: float = Field(default=300.0, gt=0)
+    """A removed actor finishes its episodes in flight for up to this long; then they are abandoned (never
+    appended, their admissions returned) and the actor is killed."""
+
+    sync_timeout_s: float = Field(default=300.0, gt=0)
+    """Longest wait for the actors' side of a weight sync (each RPC, and each collective of the transfer group)."""
+
+    autoscale: AutoscaleConfig = AutoscaleConfig()
+    """Optional: size the pool from learner waiting and buffer backlog."""
+
+
+class WarmupConfig(_Section):
+    """Supervised warm-up before RL: imitate scripted-expert demonstrations (`actors/demonstrations.py`) so that a
+    policy too weak to form a tool call starts RL with some reward (REDSearcher's mid-training, in minutes)."""
+
+    enabled: bool = False
+    """Run the warm-up before training, and start the actors and the learner from its model."""
+
+    demonstrations: int = Field(default=1024, ge=1)
+    """Expert episodes on train tasks to imitate."""
+
+    hop_weights: dict[int, float] = {}
+    """Relative share of each hop count among the demonstrated tasks (e.g. `{1: 4, 2: 2, 16: 1}`); empty: every hop
+    count of the world equally. Easy tasks teach the moves; long ones teach to keep going for 40+ calls."""
+
+    epochs: int = Field(default=4, ge=1)
+    """Passes over the demonstrations (the warm-up stops earlier at `max_steps` or `time_budget_s`)."""
+
+    max_steps: int = Field(default=400, ge=1)
+    """Optimizer steps at most."""
+
+    learning_rate: float = Field(default=3e-3, gt=0)
+    """Peak AdamW rate; it decays to 10 % by the last step (cosine). High, because the tiny model starts random."""
+
+    warmup_steps: int = Field(default=10, ge=0)
+    """Linear ramp of the learning rate over the first steps."""
+
+    batch_tokens: int = Field(default=16384, ge=256)
+    """Tokens (unpadded) of demonstrations per optimizer step."""
+
+    micro_batch_tokens: int = Field(default=4096, ge=64)
+    """Padded tokens per forward/backward pass: bounds activation memory, never changes the update. Small on CPU:
+    an episode of half this length or more then gets a pass of its own, with no padding, so attention takes the fast
+    causal kernel instead of a materialised mask (measured 3× faster at 4k tokens)."""
+
+    time_budget_s: float = Field(default=240.0, gt=0)
+    """Wall-clock limit of the optimisation; it stops after the step that crosses it and saves the model."""
+
+    seed: int = 0
+    """Seed of the task choice, the expert's detours and the batch order."""
+
+    output_dir: Path | None = None
+    """Where the warmed-up model goes; None: `<train.run_dir>/<run_name>/warmup_model`."""
 
 
 class LonghaulConfig(_Section):
@@ -481,6 +646,7 @@ class LonghaulConfig(_Section):
     learner: LearnerConfig = LearnerConfig()
     train: TrainConfig = TrainConfig()
     control: ControlConfig = ControlConfig()
+    warmup: WarmupConfig = WarmupConfig()
 
     @property
     def output_dir(self) -> Path:

@@ -1,11 +1,12 @@
 """`longhaul train`: the whole job, started, watched and stopped from one driver process.
 
 The driver brings the run up in dependency order: the policy model (the tiny one is built if missing), Redis (the
-embedded server unless `redis.url` is set), the tool server (its own process), Ray (local unless
-`train.ray_address`), the rollout actors as Ray actors, and the learner in this process, which opens the weight
-transfer group with every actor's engine and sends them its weights before the first step. It then trains until
-`learner.total_steps` or a stop request (Ctrl-C, SIGTERM, or the control plane), showing one status line: version,
-reward, success, staleness, buffer depth, tokens/s.
+embedded server unless `redis.url` is set), Ray (local unless `train.ray_address`), then on Ray the tool server
+(unless `tools.address`), the rollout actors (`longhaul/pool.py`) and the learner (`longhaul/learner_host.py`),
+which opens the weight transfer group with every actor's engine and sends them its weights before they generate.
+It then trains until `learner.total_steps` or a stop request (Ctrl-C, SIGTERM, or the control plane), keeping the
+pool and the tool server healthy between steps and showing one status line: version, reward, success, staleness,
+buffer depth, tokens/s.
 
 A stop is clean: the learner checkpoints (acknowledging everything it trained on), the actors stop admitting groups
 and finish those in flight, the processes go down in reverse order, and the run leaves `summary.json` and
@@ -25,10 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
+from longhaul import metrics
 from longhaul.config import LonghaulConfig
-from longhaul.net import free_port
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +69,10 @@ class TrainingRun:
         self._state = "starting"
         self._learner = None
         self._store = None
-        self._hosts: list = []
+        self._pool = None
+        self._tools: tuple | None = None
+        """(handle, start info, public) of the tool server this run started."""
+        self._tools_checked = 0.0
         self._progress = _Progress(started=time.monotonic())
         self._metrics_targets: dict[str, list[str]] = {}
         """Prometheus /metrics addresses by component."""
@@ -81,6 +83,7 @@ class TrainingRun:
         from longhaul.buffer.redis_server import connect, redis_for_run
         from longhaul.buffer.store import TrajectoryStore
         from longhaul.learner.checkpoint import latest_checkpoint
+        from longhaul.learner_host import RemoteLearner
 
         config = self.config
         has_checkpoint = latest_checkpoint(config.checkpoint_dir) is not None
@@ -103,21 +106,25 @@ class TrainingRun:
                 raise RunError(f"the buffer of run {config.run_name!r} already holds trajectories: pass --resume, "
                                "or choose another run_name")
             print(f"  redis      {redis_url.split('@')[-1]}", flush=True)
-            tools = stack.enter_context(self._tool_server())
-            print(f"  tools      {tools.address}", flush=True)
-            hosts, workers = self._start_actors(stack, model_dir, redis_url, tools.address)
+            self._start_ray(stack)
+            tool_address = self._start_tool_server(stack)
+            print(f"  tools      {tool_address}", flush=True)
+            pool = self._pool = self._start_actors(stack, model_dir, redis_url, tool_address, store)
             # After Ray and the actors are up: Ray forks its processes at start, and a gRPC server already serving
             # in this process makes every fork log a warning.
             control = stack.enter_context(self._control_server())
-            print(f"  control    {control.address} (longhaul status | pause | resume | stop)", flush=True)
+            print(f"  control    {control.address} (longhaul status | scale | pause | resume | stop)", flush=True)
             targets = self._serve_metrics()
             print(f"  metrics    {', '.join(t for ts in self._metrics_targets.values() for t in ts)} "
                   f"(Prometheus file discovery: {targets})", flush=True)
-            learner = self._start_learner(model_dir, store, hosts, workers)
-            self._learner, self._store, self._hosts = learner, store, hosts
-            print(f"  learner    step {learner.step}, weights sent to {len(hosts)} actor(s)", flush=True)
+            learner = RemoteLearner(self.config, model_dir, redis_url)
+            self._learner, self._store = learner, store
+            self._metrics_targets["learner"] = [learner.metrics_address]
+            pool.reconcile(learner)  # opens the weight-sync group, sends the weights, and the actors begin
+            self._write_targets()
+            print(f"  learner    step {learner.step}, weights sent to {len(pool.members())} actor(s)", flush=True)
             self._state = "running"
-            self._train(learner, store)
+            self._train(learner, store, pool)
             self._state = "stopping"
             learner.finish()
             print(f"stopped at step {learner.step}; draining the actors ...", flush=True)
@@ -126,12 +133,52 @@ class TrainingRun:
 
     # ---- bring-up -----------------------------------------------------------------------------------------------
 
-    @contextlib.contextmanager
-    def _tool_server(self):
-        from longhaul.actors.tool_service import ToolServerProcess
+    def _start_ray(self, stack: contextlib.ExitStack) -> None:
+        import ray
 
-        with ToolServerProcess(self.config.tools, self.config.world) as server:
-            yield server
+        from longhaul.actors.ray_actor import start_ray
+
+        start_ray(self.config.train.ray_address)
+        stack.callback(ray.shutdown)
+
+    def _start_tool_server(self, stack: contextlib.ExitStack) -> str:
+        """The run's tool server (a Ray actor), or the one `tools.address` names; returns its address."""
+        import ray
+
+        from longhaul.actors.ray_actor import config_for_ray
+        from longhaul.actors.ray_tool_server import launch_tool_server
+
+        if self.config.tools.address is not None:
+            return self.config.tools.address
+        public = self.config.train.ray_address is not None  # actors on other nodes call it
+        handle, info = launch_tool_server(config_for_ray(self.config), num_cpus=self.config.train.tool_server_num_cpus,
+                                          public=public)
+        self._tools = (handle, info, public)
+        self._metrics_targets["tools"] = [info["metrics"]]
+        stack.callback(lambda: ray.get(self._tools[0].stop.remote(), timeout=60))
+        return info["address"]
+
+    def _check_tool_server(self) -> None:
+        """Restart a dead tool server on the same node and port, so that the actors' address stays valid (their
+        calls meanwhile fail as `unavailable` observations, retried within their bounds)."""
+        import ray
+
+        from longhaul.actors.ray_actor import config_for_ray
+        from longhaul.actors.ray_tool_server import launch_tool_server
+
+        if self._tools is None:
+            return
+        handle, info, public = self._tools
+        try:
+            ray.get(handle.ping.remote(), timeout=self.config.train.health_timeout_s)
+            return
+        except (ray.exceptions.RayError, TimeoutError) as error:
+            log.error("the tool server is gone (%s): restarting it on %s", error, info["address"])
+        with contextlib.suppress(ray.exceptions.RayError):
+            ray.kill(handle, no_restart=True)
+        self._tools = (*launch_tool_server(config_for_ray(self.config), num_cpus=self.config.train.tool_server_num_cpus,
+                                           port=info["port"], public=public, node_id=info["node_id"]), public)
+        metrics.TOOL_SERVER_RESTARTS.inc()
 
     @contextlib.contextmanager
     def _control_server(self):
@@ -146,74 +193,76 @@ class TrainingRun:
                 path.unlink(missing_ok=True)
 
     def _serve_metrics(self) -> Path:
-        """Serve this process's metrics (learner, buffer) and write every process's address for Prometheus file
-        discovery (`file_sd_configs`); returns that file."""
+        """Serve this process's metrics (learner, buffer, pool) and write every process's address for Prometheus
+        file discovery (`file_sd_configs`); returns that file."""
         from prometheus_client import start_http_server
 
         host = self.config.train.metrics_host
         server, _ = start_http_server(0, addr=host)
         self._metrics_targets["driver"] = [f"{host}:{server.server_port}"]
+        return self._write_targets()
+
+    def _write_targets(self) -> Path:
+        """(Re)write the scrape targets: at start, and whenever actors join or leave."""
+        if self._pool is not None:
+            self._metrics_targets["actor"] = self._pool.metrics_addresses()
         groups = [{"targets": addresses, "labels": {"job": "longhaul", "run": self.config.run_name, "component": c}}
-                  for c, addresses in sorted(self._metrics_targets.items())]
+                  for c, addresses in sorted(self._metrics_targets.items()) if addresses]
         path = self.output_dir / "prometheus_targets.json"
         partial = path.with_suffix(".json.partial")
         partial.write_text(json.dumps(groups, indent=2) + "\n")
         partial.replace(path)  # Prometheus re-reads the file on change: never show it half written
         return path
 
-    def _start_actors(self, stack: contextlib.ExitStack, model_dir: Path, redis_url: str, tool_address: str):
-        import ray
-
-        from longhaul.actors.ray_actor import RolloutActorHost, config_for_ray, start_ray
+    def _start_actors(self, stack: contextlib.ExitStack, model_dir: Path, redis_url: str, tool_address: str, store):
+        from longhaul.pool import ActorPool
 
         config = self.config
-        start_ray(config.train.ray_address)
-        stack.callback(ray.shutdown)
-        gpus = 1 if torch.cuda.is_available() else 0
-        host_class = ray.remote(RolloutActorHost).options(num_cpus=config.train.actor_num_cpus, num_gpus=gpus)
-        hosts = [host_class.remote(f"actor-{i}", config_for_ray(config), str(model_dir), redis_url, tool_address,
-                                   seed=config.learner.seed * 1000 + i)
-                 for i in range(config.train.actors)]
-        stack.callback(self._stop_actors, hosts)
-        print(f"  actors     starting {len(hosts)} (engine start takes ~20 s on CPU) ...", flush=True)
-        started = ray.get([host.start.remote() for host in hosts])
-        self._metrics_targets["actor"] = [s["metrics"] for s in started]
-        return hosts, [s["workers"] for s in started]
+        pool = ActorPool(config, model_dir=model_dir, redis_url=redis_url, tool_address=tool_address,
+                         gate=store.staleness)
+        stack.callback(self._stop_actors, pool)
+        print(f"  actors     starting {config.train.actors} (engine start takes ~20 s on CPU) ...", flush=True)
+        pool.start(wait=True)
+        return pool
 
     @staticmethod
-    def _stop_actors(hosts) -> None:
-        import ray
-
-        appended = ray.get([host.stop.remote() for host in hosts], timeout=600)
-        print(f"  actors     stopped; {sum(appended)} trajectories appended in this session", flush=True)
-
-    def _start_learner(self, model_dir: Path, store, hosts, workers):
-        from longhaul.actors.engine import weight_transfer_backend
-        from longhaul.actors.ray_actor import RayActorsClient
-        from longhaul.learner.trainer import Learner
-
-        learner = Learner(self.config, model_dir, store)
-        client = RayActorsClient(hosts, workers)
-        learner.connect_actors(client, backend=weight_transfer_backend(self.config.engine),
-                               master_address=_local_address(), master_port=free_port(""),
-                               world_size=client.world_size, engine_dtype=getattr(torch, self.config.engine.dtype))
-        return learner
+    def _stop_actors(pool) -> None:
+        appended = pool.stop()
+        print(f"  actors     stopped; {appended} trajectories appended in this session", flush=True)
 
     # ---- the loop -----------------------------------------------------------------------------------------------
 
-    def _train(self, learner, store) -> None:
+    def _train(self, learner, store, pool) -> None:
+        from longhaul.autoscale import Autoscaler
+        from longhaul.learner.trainer import WeightSyncError
+
         config = self.config
         progress = self._progress = _Progress(started=time.monotonic())
+        autoscaler = Autoscaler(config.train.autoscale) if config.train.autoscale.enabled else None
         interactive = sys.stdout.isatty()
-        last_line = 0.0
+        last_line, waited = 0.0, 0.0
         while learner.step < config.learner.total_steps and not self.stop_requested.is_set():
+            self._reconcile(pool, learner, interactive)
             if self.paused.is_set():
                 self.stop_requested.wait(0.2)
                 continue
-            record = learner.train_step(timeout_s=1.0)
-            if record is not None:
+            called = time.monotonic()
+            try:
+                record = learner.train_step(timeout_s=1.0)
+            except WeightSyncError as error:
+                # The step stands; the actors get its weights when the group is re-formed without the lost one.
+                log.warning("%s: checking the actors", error)
+                self._report(pool.check_now(learner), interactive)
+                continue
+            if record is None:
+                waited += time.monotonic() - called  # a starved learner: this wait belongs to the next step
+            else:
                 progress.tokens += record["tokens"]
                 progress.last = record
+                if autoscaler is not None:
+                    autoscaler.observe(waited + record["wait_seconds"], record["step_seconds"])
+                    self._autoscale(autoscaler, pool, store, interactive)
+                waited = 0.0
             now = time.monotonic()
             if interactive or now - last_line >= config.train.status_interval_s:
                 line = progress.line(config, store.stats())
@@ -221,6 +270,25 @@ class TrainingRun:
                 last_line = now
         if interactive:
             print()
+
+    def _autoscale(self, autoscaler, pool, store, interactive: bool) -> None:
+        decision = autoscaler.decide(time.monotonic(), pool.target, store.stats().undelivered,
+                                     self.config.buffer.staleness.batch_size)
+        if decision is not None:
+            previous, target = pool.scale(decision.target)
+            print(("\n" if interactive else "") + f"  autoscale  actors {previous} -> {target}: {decision.reason}",
+                  flush=True)
+
+    def _reconcile(self, pool, learner, interactive: bool) -> None:
+        self._report(pool.reconcile(learner), interactive)
+        if time.monotonic() - self._tools_checked >= self.config.train.health_interval_s:
+            self._check_tool_server()
+            self._tools_checked = time.monotonic()
+
+    def _report(self, event, interactive: bool) -> None:
+        if event:
+            print(("\n" if interactive else "") + f"  actors     {event.describe()}", flush=True)
+            self._write_targets()
 
     # ---- the control plane (longhaul.control.ControlTarget; called from the control server's threads) ---------
 
@@ -230,13 +298,18 @@ class TrainingRun:
         from longhaul.control import ActorStatus, RunStatus
 
         actors = []
-        for index, host in enumerate(self._hosts):
+        members = self._pool.members() if self._pool is not None else []
+        answers = [m.handle.status.remote() if m.state in ("running", "draining") else None for m in members]
+        for member, answer in zip(members, answers, strict=True):
+            if answer is None:  # its engine is starting, or it waits for the group to let it in
+                actors.append(ActorStatus(member.actor_id, "starting", 0, 0, member.info.get("pid", 0)))
+                continue
             try:
-                info = ray.get(host.status.remote(), timeout=5)
-                actors.append(ActorStatus(info["actor_id"], "running" if info["running"] else "draining",
-                                          info["appended"], int(info["version"] or 0), info["pid"]))
+                info = ray.get(answer, timeout=5)
+                actors.append(ActorStatus(member.actor_id, member.state, info["appended"], int(info["version"] or 0),
+                                          info["pid"]))
             except Exception:  # noqa: BLE001 - a dead or hung actor is a status to show, not an error to raise
-                actors.append(ActorStatus(f"actor-{index}", "dead", 0, 0, 0))
+                actors.append(ActorStatus(member.actor_id, "dead", 0, 0, member.info.get("pid", 0)))
         stats = self._store.stats() if self._store is not None else None
         last = self._progress.last or {}
         learner = self._learner
@@ -244,7 +317,8 @@ class TrainingRun:
         return RunStatus(
             run_name=self.config.run_name, state=state if state != "starting" else "running",
             policy_version=learner.version if learner else 0, learner_step=learner.step if learner else 0,
-            total_steps=self.config.learner.total_steps, target_actors=self.config.train.actors, actors=actors,
+            total_steps=self.config.learner.total_steps,
+            target_actors=self._pool.target if self._pool is not None else self.config.train.actors, actors=actors,
             buffer_undelivered=stats.undelivered if stats else 0, buffer_pending=stats.pending if stats else 0,
             reward_mean=last.get("reward_mean", 0.0), success_rate=last.get("success_rate", 0.0),
             staleness_mean=last.get("staleness_mean", 0.0),
@@ -252,8 +326,9 @@ class TrainingRun:
             uptime_s=time.monotonic() - self._started)
 
     def scale(self, actors: int) -> tuple[int, int]:
-        raise RuntimeError(f"this driver runs a fixed pool of {self.config.train.actors} actor(s); to change it, stop "
-                           f"the run and start it again with train.actors={actors} --resume")
+        if self._pool is None:
+            raise RuntimeError("the actors are still starting: try again in a moment")
+        return self._pool.scale(actors)
 
     def pause(self) -> None:
         self.paused.set()
@@ -312,10 +387,3 @@ def _plot(records: list[dict[str, Any]], path: Path, title: str) -> None:
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     plt.close(figure)
-
-
-def _local_address() -> str:
-    """The address actors on other nodes reach this driver at (loopback on a single machine is fine too)."""
-    import ray
-
-    return ray.util.get_node_ip_address()

@@ -10,7 +10,8 @@ from longhaul.trajectory import Trajectory
 
 
 def synthetic_trajectory(seed: int = 0, *, turns: int = 44, tokens: int = 33_000, version: int = 3,
-                         trajectory_id: str | None = None, group_id: str | None = None) -> Trajectory:
+                         trajectory_id: str | None = None, group_id: str | None = None,
+                         actor_id: str = "actor-0") -> Trajectory:
     """An episode of `turns` model turns, each a generation followed by a tool observation, `tokens` long in all.
 
     Generated spans carry negative logprobs and a policy version drifting from `version` - 2 up to `version`
@@ -33,7 +34,7 @@ def synthetic_trajectory(seed: int = 0, *, turns: int = 44, tokens: int = 33_000
         trajectory_id=trajectory_id or f"traj-{seed}",
         task_id=f"task-{seed // 8}",
         group_id=group_id or f"group-{seed // 8}",
-        actor_id="actor-0",
+        actor_id=actor_id,
         env="search",
         token_ids=rng.integers(0, 151_000, size=tokens, dtype=np.uint32).astype("<u4"),
         loss_mask=mask,

@@ -40,6 +40,10 @@ def test_overrides_set_nested_fields_with_yaml_typed_values(tmp_path):
     ("redis.appendfsync=sometimes", "redis.appendfsync: Input should be 'always', 'everysec' or 'no'"),
     ("run_name=a b", "run_name: Value error, must be 1-64 characters"),
     ("buffer.rate_limiter.error_buffer=0.5", "a narrower window deadlocks inserts and samples together"),
+    ("learner.sampler=random", "learner.sampler: Input should be 'fifo', 'uniform' or 'bandit'"),
+    ("buffer.scheduler.top_p=0", "buffer.scheduler.top_p: Input should be greater than 0"),
+    ("buffer.scheduler.top_p=1.5", "buffer.scheduler.top_p: Input should be less than or equal to 1"),
+    ("buffer.scheduler.hidden_size=-1", "buffer.scheduler.hidden_size: Input should be greater than or equal to 0"),
 ])
 def test_an_invalid_value_is_rejected_naming_the_field(override, named):
     with pytest.raises(ConfigError) as error:
@@ -56,3 +60,18 @@ def test_a_malformed_override_or_file_says_what_is_wrong(tmp_path):
         load_config(bad)
     with pytest.raises(ConfigError, match="cannot read config"):
         load_config(tmp_path / "missing.yaml")
+
+
+@pytest.mark.parametrize("name", ["gpu.yaml", "multinode.yaml"])
+def test_gpu_configs_sync_weights_over_nccl_into_a_local_model(name):
+    config = load_config(Path(__file__).parent.parent / "configs" / name)
+    assert config.engine.weight_transfer_backend == "nccl"
+    assert config.model.path  # a local Hugging Face directory, not the tiny CPU model
+    assert config.agent.max_episode_tokens <= config.engine.max_model_len
+
+
+def test_multinode_config_joins_an_existing_cluster_and_a_shared_redis():
+    config = load_config(Path(__file__).parent.parent / "configs" / "multinode.yaml")
+    # An embedded Redis binds loopback on the head node: actors on other nodes could not append.
+    assert config.train.ray_address == "auto" and config.redis.url is not None
+    assert config.train.actors > 1

@@ -16,7 +16,7 @@ from prometheus_client import REGISTRY
 
 from longhaul.buffer.redis_server import EmbeddedRedis, connect
 from longhaul.buffer.staleness import StalenessGate, StalenessVerdict
-from longhaul.buffer.store import TrajectoryStore
+from longhaul.buffer.store import RunKeys, TrajectoryStore
 from longhaul.config import StalenessConfig
 from longhaul.synthetic import synthetic_trajectory
 
@@ -106,6 +106,30 @@ def test_release_returns_admission_slots(make_store):
     assert admit_until_rejected(gate) == 4
 
 
+def test_a_dead_holders_unfinished_episodes_return_to_the_admission_window(make_store):
+    store = make_store(staleness=StalenessConfig(max_staleness=0, batch_size=8))
+    gate = store.staleness
+    assert gate.try_admit(4, holder="actor-0")
+    assert gate.try_admit(4, holder="actor-1")                 # the window of 8 is full
+    for _ in range(3):                                         # actor-0 finishes 3 of its 4 episodes
+        store.append(synthetic_trajectory(tokens=64, turns=2, actor_id="actor-0"))
+    gate.release(1, holder="actor-1")                          # one of actor-1's episodes raised
+    assert gate.holdings() == {"actor-0": 1, "actor-1": 3}
+
+    assert gate.release_holder("actor-1") == 3                 # actor-1 died with 3 episodes in flight
+    assert gate.holdings() == {"actor-0": 1}
+    assert store.stats().counters["admitted"] == 4             # 3 appended + 1 still running on actor-0
+    assert admit_until_rejected(gate) == 4
+    assert gate.release_holder("actor-1") == 0                 # idempotent
+
+
+def test_appends_without_an_admission_release_nothing(make_store):
+    store = make_store(staleness=StalenessConfig(max_staleness=0, batch_size=2))
+    store.append(synthetic_trajectory(tokens=64, turns=2, actor_id="writer"))  # e.g. a tool writing trajectories
+    assert store.staleness.release_holder("writer") == 0
+    assert admit_until_rejected(store.staleness) == 2
+
+
 def test_concurrent_admission_never_over_admits(redis_server: EmbeddedRedis, redis_client: redis.Redis,
                                                 make_store):
     config = StalenessConfig(max_staleness=1, batch_size=5)
@@ -118,7 +142,7 @@ def test_concurrent_admission_never_over_admits(redis_server: EmbeddedRedis, red
 
     def actor(index: int) -> None:
         client = connect(redis_server.url)
-        gate = StalenessGate(client, store.keys.version, store.keys.counters, config)
+        gate = StalenessGate(client, store.keys.version, store.keys.counters, store.keys.holdings, config)
         try:
             while not stop.is_set():
                 if gate.try_admit():
@@ -180,13 +204,15 @@ S = 2  # max_staleness of the judge tables
 def test_judge_measures_staleness_from_the_oldest_version(redis_client, run_name, oldest, learner, drop,
                                                           downweight):
     for policy, expected in (("drop", drop), ("downweight", downweight)):
-        gate = StalenessGate(redis_client, f"longhaul:{{{run_name}}}:version", f"longhaul:{{{run_name}}}:counters",
+        keys = RunKeys(run_name)
+        gate = StalenessGate(redis_client, keys.version, keys.counters, keys.holdings,
                              StalenessConfig(max_staleness=S, policy=policy, downweight=0.25))
         assert gate.judge(oldest, learner) == expected, policy
 
 
 def test_judge_with_zero_staleness_trains_only_the_current_version(redis_client, run_name):
-    gate = StalenessGate(redis_client, f"longhaul:{{{run_name}}}:version", f"longhaul:{{{run_name}}}:counters",
+    keys = RunKeys(run_name)
+    gate = StalenessGate(redis_client, keys.version, keys.counters, keys.holdings,
                          StalenessConfig(max_staleness=0, policy="downweight", downweight=1.0))
     assert gate.judge(4, 4) == StalenessVerdict(0, "train", 1.0)
     assert gate.judge(4, 5) == StalenessVerdict(1, "downweight", 1.0)  # full weight, but still counted as stale

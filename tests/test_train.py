@@ -8,48 +8,26 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
 from longhaul.control import ControlClient, address_file
-from tests.conftest import SMALL_WORLD
+from tests.train_run import scrape, steps, train_command
 
 pytestmark = pytest.mark.slow
-
-
-def _command(tmp_path: Path, model_cache: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "longhaul.cli", "train", *extra, f"train.run_dir={tmp_path / 'runs'}",
-            "run_name=e2e", f"redis.data_dir={tmp_path / 'redis'}", f"model.cache_dir={model_cache}",
-            "buffer.staleness.batch_size=4", "buffer.staleness.max_staleness=1", "actor.group_size=2",
-            "actor.episodes_in_flight=8", "agent.max_turns=3", "agent.max_turn_tokens=64",
-            "agent.max_episode_tokens=2048", "agent.constrained_tool_calls=true", "engine.max_model_len=2048",
-            "engine.max_num_seqs=16", "engine.cpu_kvcache_space_gib=1", "train.status_interval_s=1",
-            *(f"world.{k}={v}" for k, v in SMALL_WORLD.model_dump().items())]
-
-
-def _scrape(address: str) -> str:
-    with urllib.request.urlopen(f"http://{address}/metrics", timeout=10) as response:
-        return response.read().decode()
-
-
-def _steps(run_dir: Path) -> list[dict]:
-    path = run_dir / "checkpoints" / "steps.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
 def test_train_runs_the_stack_stops_cleanly_on_ctrl_c_and_resumes(tmp_path: Path):
     run_dir = tmp_path / "runs" / "e2e"
     model_cache = tmp_path / "models"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    process = subprocess.Popen(_command(tmp_path, model_cache, "learner.total_steps=1000"), env=env,
+    process = subprocess.Popen(train_command(tmp_path, model_cache, "learner.total_steps=1000"), env=env,
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.monotonic() + 400
-        while len(_steps(run_dir)) < 2:
+        while len(steps(run_dir)) < 2:
             assert process.poll() is None, process.stdout.read()
             assert time.monotonic() < deadline, "no two learner steps within 400 s"
             time.sleep(0.5)
@@ -60,18 +38,20 @@ def test_train_runs_the_stack_stops_cleanly_on_ctrl_c_and_resumes(tmp_path: Path
         assert [a.state for a in status.actors] == ["running"]
         assert status.actors[0].weight_version >= 1  # the learner's weights reached the actor
         targets = json.loads((run_dir / "prometheus_targets.json").read_text())
-        scraped = {group["labels"]["component"]: [_scrape(t) for t in group["targets"]] for group in targets}
-        assert sorted(scraped) == ["actor", "driver"]
-        assert "longhaul_learner_steps_total" in scraped["driver"][0]
-        assert "longhaul_buffer_committed_total" in scraped["driver"][0]
+        scraped = {group["labels"]["component"]: [scrape(t) for t in group["targets"]] for group in targets}
+        assert sorted(scraped) == ["actor", "driver", "learner", "tools"]
+        assert "longhaul_learner_steps_total" in scraped["learner"][0]
+        assert "longhaul_buffer_committed_total" in scraped["learner"][0]
         assert "longhaul_actor_generated_tokens_total" in scraped["actor"][0]
+        assert "longhaul_tool_server_requests_total" in scraped["tools"][0]
+        assert 'longhaul_pool_actors{state="running"} 1.0' in scraped["driver"][0]
         process.send_signal(signal.SIGINT)
         output, _ = process.communicate(timeout=300)
     finally:
         if process.poll() is None:
             process.kill()
     assert process.returncode == 0, output
-    stopped_at = len(_steps(run_dir))
+    stopped_at = len(steps(run_dir))
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["steps"] == stopped_at and summary["policy_version"] == stopped_at
     assert summary["trajectories"] == 4 * stopped_at
@@ -79,13 +59,13 @@ def test_train_runs_the_stack_stops_cleanly_on_ctrl_c_and_resumes(tmp_path: Path
     assert (run_dir / "checkpoints" / f"step-{stopped_at:08d}").is_dir()  # the clean stop checkpointed
     assert not address_file("e2e", tmp_path / "runs").exists()
 
-    fresh = subprocess.run(_command(tmp_path, model_cache, "learner.total_steps=1000"), env=env,
+    fresh = subprocess.run(train_command(tmp_path, model_cache, "learner.total_steps=1000"), env=env,
                            capture_output=True, text=True, timeout=120)
     assert fresh.returncode == 2
     assert "already has checkpoints" in fresh.stderr and "--resume" in fresh.stderr
 
-    resumed = subprocess.run(_command(tmp_path, model_cache, "--resume", f"learner.total_steps={stopped_at + 1}"),
+    resumed = subprocess.run(train_command(tmp_path, model_cache, "--resume", f"learner.total_steps={stopped_at + 1}"),
                              env=env, capture_output=True, text=True, timeout=400)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
-    assert [r["step"] for r in _steps(run_dir)] == list(range(1, stopped_at + 2))
+    assert [r["step"] for r in steps(run_dir)] == list(range(1, stopped_at + 2))
     assert json.loads((run_dir / "summary.json").read_text())["steps"] == stopped_at + 1

@@ -1,0 +1,91 @@
+"""Held-out evaluation: a policy plays a fixed list of test tasks, one episode each; nothing goes to the buffer.
+
+Training reward says how the policy does on the tasks it trains on, at its sampling temperature. Whether it learned
+to search is the question for tasks it never saw: the world's `test` split, which no actor draws from
+(`actor.split` is `train`). `evaluate` plays those with the same agent loop, usually greedily (temperature 0), so two
+evaluations of the same weights on the same engine settings play the same episodes, and reports exact-match success,
+mean F1, tool calls and how episodes ended. Per hop count too: a policy that solves 1-hop questions and none of the
+16-hop ones looks very different from one that solves a few of each.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+from dataclasses import dataclass, field
+
+from longhaul.actors.agent_loop import ChatFormat, run_episode
+from longhaul.actors.engine import InferenceEngine
+from longhaul.actors.tool_service import TaskInfo, ToolClient
+from longhaul.config import AgentConfig
+from longhaul.trajectory import Trajectory
+
+
+@dataclass(frozen=True, slots=True)
+class EvalResult:
+    """Figures of one evaluation; every mean is over `episodes`."""
+
+    episodes: int
+    success_rate: float
+    """Share of episodes whose answer matched exactly (after SQuAD normalisation)."""
+    mean_reward: float
+    """Mean token F1 of the answers (0 for an episode that gave none): the training reward."""
+    mean_tool_calls: float
+    max_tool_calls: int
+    finish_reasons: dict[str, int]
+    success_by_hops: dict[int, float]
+    """Success rate per hop count of the tasks."""
+    trajectories: list[Trajectory] = field(repr=False)
+
+    def summary(self) -> dict:
+        """The figures as plain JSON-able values (no trajectories)."""
+        return {"episodes": self.episodes, "success_rate": self.success_rate, "mean_reward": self.mean_reward,
+                "mean_tool_calls": self.mean_tool_calls, "max_tool_calls": self.max_tool_calls,
+                "finish_reasons": self.finish_reasons,
+                "success_by_hops": {str(h): s for h, s in sorted(self.success_by_hops.items())}}
+
+
+async def held_out_tasks(tools: ToolClient, limit: int | None = None, *, split: str = "test") -> list[TaskInfo]:
+    """The first `limit` tasks of `split` in task id order (all of them if None): a fixed list, the same on every
+    call against a server of the same world. The split is balanced over hop counts, and so is a prefix of it only
+    roughly; pass None for the exact balance."""
+    tasks: list[TaskInfo] = []
+    offset: int | None = 0
+    while offset is not None and (limit is None or len(tasks) < limit):
+        page = await tools.list_tasks(split, offset, 1000 if limit is None else min(1000, limit - len(tasks)))
+        tasks += page.tasks
+        offset = page.next_offset
+    return tasks
+
+
+async def evaluate(tasks: list[TaskInfo], *, engine: InferenceEngine, tools: ToolClient, chat: ChatFormat,
+                   agent: AgentConfig, concurrency: int = 64) -> EvalResult:
+    """Play each task once with `agent` (set `temperature=0` for a deterministic, greedy evaluation), at most
+    `concurrency` episodes at a time, and grade the episodes. The trajectories are returned, never stored."""
+    if not tasks:
+        raise ValueError("no tasks to evaluate on")
+    slots = asyncio.Semaphore(concurrency)
+
+    async def play(task: TaskInfo) -> Trajectory:
+        async with slots:
+            return await run_episode(task, engine=engine, tools=tools, chat=chat, config=agent,
+                                     group_id=f"eval-{task.task_id}", actor_id="evaluation")
+
+    trajectories = list(await asyncio.gather(*(play(task) for task in tasks)))
+    return grade_episodes(tasks, trajectories)
+
+
+def grade_episodes(tasks: list[TaskInfo], trajectories: list[Trajectory]) -> EvalResult:
+    """The figures of one episode per task (`trajectories[i]` played `tasks[i]`)."""
+    n = len(trajectories)
+    exact = [t.reward_parts.get("exact_match", 0.0) for t in trajectories]
+    by_hops: dict[int, list[float]] = {}
+    for task, score in zip(tasks, exact, strict=True):
+        by_hops.setdefault(task.hops, []).append(score)
+    return EvalResult(
+        episodes=n, success_rate=sum(exact) / n, mean_reward=sum(t.reward for t in trajectories) / n,
+        mean_tool_calls=sum(t.num_tool_calls for t in trajectories) / n,
+        max_tool_calls=max(t.num_tool_calls for t in trajectories),
+        finish_reasons=dict(sorted(Counter(t.finish_reason for t in trajectories).items())),
+        success_by_hops={h: sum(s) / len(s) for h, s in sorted(by_hops.items())},
+        trajectories=trajectories)

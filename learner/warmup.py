@@ -1,0 +1,166 @@
+"""Supervised warm-up: cross-entropy on the expert's tokens of demonstration trajectories, before RL.
+
+A random tiny model earns reward 0 (it cannot write a tool call), and a policy gradient of all-zero rewards is zero.
+Imitating a scripted expert for a few minutes gives RL a policy that sometimes succeeds. The demonstrations are
+ordinary `Trajectory` records (mask 1 on the expert's tokens), so they are packed by the learner's own
+`pack_micro_batches` and scored by its `token_logprobs`: the warm-up trains on exactly the token alignment RL uses.
+
+The loss of a step is −Σ m_t log π_θ(y_t) over the step's demonstrations divided by their masked tokens, so
+micro-batching does not change the update. The driver builds the trajectories (this package never imports
+`actors/`) and passes them in; `warm_up` writes a Hugging Face model directory (weights in the base model's dtype,
+plus the base directory's tokenizer and generation files) that engines and the learner load like any other.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM
+
+from longhaul.buffer.store import Delivery
+from longhaul.config import WarmupConfig
+from longhaul.learner.batch import pack_micro_batches, token_logprobs
+from longhaul.learner.trainer import lr_factor
+from longhaul.trajectory import Trajectory
+
+log = logging.getLogger(__name__)
+
+# Files of a model directory that are not weights: copied unchanged, so the warmed-up model tokenizes and stops
+# exactly as the base model did.
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt")
+
+
+@dataclass(frozen=True, slots=True)
+class WarmupResult:
+    model_dir: Path
+    steps: int
+    seconds: float
+    tokens_trained: int
+    """Masked (expert) tokens summed over all steps."""
+    loss_first: float
+    """Mean per-token cross-entropy of the first step."""
+    loss_last: float
+    losses: list[float]
+
+
+def _batches(trajectories: list[Trajectory], batch_tokens: int, rng: random.Random) -> list[list[Trajectory]]:
+    """One epoch: the trajectories shuffled, cut into consecutive batches of at most `batch_tokens` tokens (a longer
+    trajectory gets a batch of its own)."""
+    order = rng.sample(trajectories, len(trajectories))
+    batches: list[list[Trajectory]] = []
+    size = 0
+    for trajectory in order:
+        if batches and size + trajectory.num_tokens <= batch_tokens:
+            batches[-1].append(trajectory)
+            size += trajectory.num_tokens
+        else:
+            batches.append([trajectory])
+            size = trajectory.num_tokens
+    return batches
+
+
+def _as_deliveries(batch: list[Trajectory]) -> list[Delivery]:
+    return [Delivery(entry_id=b"", trajectory=t, source="fresh", staleness=0, weight=1.0) for t in batch]
+
+
+def sft_loss(model, batch: list[Trajectory], micro_batch_tokens: int, *, backward: bool) -> tuple[float, int]:
+    """Mean cross-entropy per masked token of `batch` under `model`, and the masked token count; with `backward`, the
+    gradient of that mean accumulates in the model."""
+    micro_batches = pack_micro_batches(_as_deliveries(batch), torch.zeros(len(batch)), micro_batch_tokens)
+    valid = sum(float(mb.loss_mask.sum()) for mb in micro_batches)
+    if valid == 0:
+        raise ValueError("no masked token in the batch: demonstrations must carry loss_mask 1 on the expert's turns")
+    total = 0.0
+    for mb in micro_batches:
+        with torch.set_grad_enabled(backward):
+            logits = model(input_ids=mb.input_ids, attention_mask=mb.attention_mask).logits
+            logp, _ = token_logprobs(logits, mb.input_ids)
+            loss = -(logp * mb.loss_mask).sum() / valid
+        if backward:
+            loss.backward()
+        total += float(loss.detach())
+    return total, int(valid)
+
+
+def warm_up(base_model_dir: str | Path, out_dir: str | Path, trajectories: list[Trajectory],
+            config: WarmupConfig) -> WarmupResult:
+    """Train the model in `base_model_dir` on the expert tokens of `trajectories`; write it to `out_dir`.
+
+    Stops after `config.epochs` passes, `config.max_steps` steps, or the step that crosses `config.time_budget_s`,
+    whichever comes first. `out_dir` must not exist or be empty; it appears complete or not at all."""
+    if not trajectories:
+        raise ValueError("no demonstrations to warm up on")
+    out_dir = Path(out_dir)
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise FileExistsError(f"{out_dir} is not empty: refusing to overwrite it")
+    base_model_dir = Path(base_model_dir)
+    rng = random.Random(f"longhaul-warmup:{config.seed}")
+    torch.manual_seed(config.seed)
+    model = AutoModelForCausalLM.from_pretrained(base_model_dir, dtype=torch.float32)
+    model.train()
+    steps_per_epoch = len(_batches(trajectories, config.batch_tokens, random.Random(0)))
+    total_steps = min(config.max_steps, config.epochs * steps_per_epoch)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=0.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_factor(step, config.warmup_steps, total_steps, "cosine"))
+    started = time.monotonic()
+    losses: list[float] = []
+    tokens_trained = 0
+    done = False
+    for epoch in range(config.epochs):
+        for batch in _batches(trajectories, config.batch_tokens, rng):
+            loss, tokens = sft_loss(model, batch, config.micro_batch_tokens, backward=True)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+            losses.append(loss)
+            tokens_trained += tokens
+            elapsed = time.monotonic() - started
+            if len(losses) % 10 == 0:
+                log.info("warm-up step %d/%d (epoch %d): loss %.4f, %.0fs", len(losses), total_steps, epoch + 1,
+                         loss, elapsed)
+            if len(losses) >= total_steps or elapsed >= config.time_budget_s:
+                done = True
+                break
+        if done:
+            break
+    seconds = time.monotonic() - started
+    _save(model, base_model_dir, out_dir)
+    return WarmupResult(out_dir, len(losses), seconds, tokens_trained, losses[0], losses[-1], losses)
+
+
+def _save(model, base_model_dir: Path, out_dir: Path) -> None:
+    """The model in the base directory's weight dtype, with every non-weight file of the base directory."""
+    base_dtype = json.loads((base_model_dir / "config.json").read_text()).get("dtype", "float32")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.building-", dir=out_dir.parent))
+    staging.chmod(0o755)
+    try:
+        for path in base_model_dir.iterdir():
+            if path.is_file() and not path.name.endswith(_WEIGHT_SUFFIXES) and path.name != "config.json":
+                shutil.copy2(path, staging / path.name)
+        model.to(getattr(torch, base_dtype) if isinstance(base_dtype, str) else torch.float32)
+        model.save_pretrained(staging)
+        staging.rename(out_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def cross_entropy(model_dir: str | Path, trajectories: list[Trajectory], micro_batch_tokens: int = 16384) -> float:
+    """Mean cross-entropy per expert token of `trajectories` under the model in `model_dir` (no update): how well a
+    model imitates demonstrations it was not trained on."""
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    model.eval()
+    loss, _ = sft_loss(model, trajectories, micro_batch_tokens, backward=False)
+    return loss if math.isfinite(loss) else float("inf")

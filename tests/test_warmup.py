@@ -1,0 +1,105 @@
+"""Supervised warm-up on demonstrations: the loss it minimises, what it writes, and when it stops."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from longhaul.config import ToolServiceConfig, WarmupConfig
+from longhaul.learner.warmup import cross_entropy, sft_loss, warm_up
+from tests.conftest import SMALL_WORLD
+
+
+@pytest.fixture(scope="module")
+def demos(tiny_model_dir):
+    """24 expert episodes on SMALL_WORLD's 1- and 2-hop train tasks."""
+    from transformers import AutoTokenizer
+
+    from longhaul.actors.agent_loop import ChatFormat
+    from longhaul.actors.demonstrations import DemonstrationMix, choose_tasks, demonstrate
+    from longhaul.actors.search_world import SearchWorld
+    from longhaul.actors.tool_service import ToolClient, serve
+    from longhaul.config import AgentConfig
+
+    world = SearchWorld.generate(SMALL_WORLD)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    tasks = choose_tasks(world, DemonstrationMix(count=24, hop_weights={1: 1, 2: 1}), seed=0)
+
+    async def scenario():
+        server, port = await serve(ToolServiceConfig(), world)
+        try:
+            async with ToolClient(f"127.0.0.1:{port}", ToolServiceConfig()) as tools:
+                return await demonstrate(world, tasks, tools=tools, chat=ChatFormat(tokenizer), tokenizer=tokenizer,
+                                         agent=AgentConfig(), top_k=ToolServiceConfig().search_top_k)
+        finally:
+            await server.stop(0)
+
+    return asyncio.run(scenario())
+
+
+def test_the_loss_is_the_mean_cross_entropy_of_masked_tokens_whatever_the_micro_batching(tiny_model_dir, demos):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    batch = demos[:5]
+    expected_sum, expected_count = 0.0, 0
+    with torch.no_grad():
+        for demo in batch:  # one sequence at a time, by hand: −log π of every token whose mask is 1
+            ids = torch.from_numpy(demo.token_ids.astype("int64"))[None]
+            logp = torch.log_softmax(model(input_ids=ids).logits[0, :-1].float(), -1)
+            picked = logp.gather(-1, ids[0, 1:, None])[:, 0]
+            mask = torch.from_numpy(demo.loss_mask[1:].astype(bool))
+            expected_sum -= float(picked[mask].sum())
+            expected_count += int(mask.sum())
+    for micro_batch_tokens in (64, 4096, 1 << 20):  # one sequence per pass, a few, all at once
+        loss, count = sft_loss(model, batch, micro_batch_tokens, backward=False)
+        assert count == expected_count == sum(int(d.loss_mask.sum()) for d in batch)
+        assert loss == pytest.approx(expected_sum / expected_count, rel=1e-4)
+
+
+def test_warm_up_lowers_the_cross_entropy_of_the_expert_tokens_and_writes_a_model_dir_with_the_base_tokenizer(
+        tiny_model_dir, demos, tmp_path):
+    from transformers import AutoTokenizer
+
+    from longhaul.actors.tiny_model import validate_model_dir
+
+    train, held_out = demos[:20], demos[20:]
+    config = WarmupConfig(enabled=True, max_steps=30, epochs=30, learning_rate=3e-3, batch_tokens=8192, seed=0)
+    result = warm_up(tiny_model_dir, tmp_path / "warm", train, config)
+    assert result.steps == 30 and len(result.losses) == 30
+    assert result.loss_last < result.loss_first / 3
+    # It generalises past the episodes it saw: held-out demonstrations are imitated better too.
+    assert cross_entropy(result.model_dir, held_out) < cross_entropy(tiny_model_dir, held_out) / 3
+    validate_model_dir(result.model_dir)
+    for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        assert (result.model_dir / name).read_bytes() == (tiny_model_dir / name).read_bytes(), name
+    saved = json.loads((result.model_dir / "config.json").read_text())
+    assert saved["dtype"] == json.loads((tiny_model_dir / "config.json").read_text())["dtype"] == "bfloat16"
+    tokenizer = AutoTokenizer.from_pretrained(result.model_dir)
+    assert tokenizer.encode(tokenizer.decode(demos[0].token_ids.tolist()),
+                            add_special_tokens=False) == demos[0].token_ids.tolist()
+
+
+def test_warm_up_stops_after_the_step_that_crosses_its_time_budget(tiny_model_dir, demos, tmp_path):
+    config = WarmupConfig(max_steps=1000, epochs=10, time_budget_s=1e-3, batch_tokens=4096)
+    result = warm_up(tiny_model_dir, tmp_path / "warm", demos, config)
+    assert result.steps == 1
+
+
+def test_warm_up_refuses_to_overwrite_a_non_empty_directory_and_needs_masked_tokens(tiny_model_dir, demos, tmp_path):
+    occupied = tmp_path / "occupied"
+    occupied.mkdir()
+    (occupied / "keep.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="not empty"):
+        warm_up(tiny_model_dir, occupied, demos[:2], WarmupConfig(max_steps=1))
+    assert (occupied / "keep.txt").read_text() == "mine"
+    unmasked = demos[0]
+    blank = type(unmasked)(**{**{f: getattr(unmasked, f) for f in unmasked.__slots__},
+                              "loss_mask": np.zeros_like(unmasked.loss_mask)})
+    with pytest.raises(ValueError, match="no masked token"):
+        warm_up(tiny_model_dir, tmp_path / "blank", [blank], WarmupConfig(max_steps=1))
+    assert not (tmp_path / "blank").exists()
