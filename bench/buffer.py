@@ -3,8 +3,8 @@
     python bench/buffer.py [--trajectories 256] [--tokens 33000] [--turns 44] [--batch 16] [--repeats 9]
                            [--short-tokens 4000] [--appendfsync everysec] [--json PATH]
 
-Two pipelines run on one embedded redis-server (the production config: AOF on, `appendfsync everysec`) through one
-client, interleaved round by round (A B A B ...) because these machines are noisy:
+Two pipelines run on one embedded redis-server (AOF on; `appendfsync everysec` unless `--appendfsync always`, which is
+the production default) through one client, interleaved round by round (A B A B ...) because these machines are noisy:
 
 - longhaul: `store.append` × N, then `store.read` + `store.commit` per batch until all N are committed. This is the
   real cost: structural checks and msgpack encoding in append, decoding with full per-token validation, the

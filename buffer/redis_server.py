@@ -49,7 +49,7 @@ class EmbeddedRedis:
     started again on the same directory and password, and comes back with its data.
     """
 
-    def __init__(self, data_dir: str | Path, *, appendfsync: str = "everysec", password: str | None = None,
+    def __init__(self, data_dir: str | Path, *, appendfsync: str = "always", password: str | None = None,
                  startup_timeout_s: float = 30.0):
         self.data_dir = Path(data_dir).resolve()
         self.appendfsync = appendfsync

@@ -29,10 +29,12 @@ class RedisConfig(_Section):
     data_dir: Path = Path("runs/redis")
     """Embedded server only: directory for the append-only file. Restarting on the same directory recovers the data."""
 
-    appendfsync: Literal["always", "everysec", "no"] = "everysec"
-    """Embedded server only: AOF fsync policy. `always` loses no acknowledged append even on power loss, at the cost
-    of one fsync per write; `everysec` can lose up to about one second of appends on a machine crash (not on a
-    process kill: the write reaches the kernel before the reply)."""
+    appendfsync: Literal["always", "everysec", "no"] = "always"
+    """Embedded server only: AOF fsync policy. `always` (the default) loses no acknowledged append, whatever
+    crashes: every write is fsynced before Redis replies, which costs little at the rates actors append (a 33k-token
+    trajectory still moves at ~500/s, docs/benchmarks.md). `everysec` can lose the last ~2 s of acknowledged
+    appends, even when only the Redis process dies: while a background fsync is slow, Redis replies before it
+    writes the AOF (docs/durability.md)."""
 
     password: str | None = None
     """Embedded server only: fixed password; None generates a random one per start."""
@@ -589,8 +591,9 @@ class WarmupConfig(_Section):
     """Supervised warm-up before RL: imitate scripted-expert demonstrations (`actors/demonstrations.py`) so that a
     policy too weak to form a tool call starts RL with some reward (REDSearcher's mid-training, in minutes)."""
 
-    enabled: bool = False
-    """Run the warm-up before training, and start the actors and the learner from its model."""
+    enabled: bool | None = None
+    """Run the warm-up before training, and start the actors and the learner from its model. None: only for the
+    tiny model (`model.path` unset), which starts from random weights and could not write a tool call without it."""
 
     demonstrations: int = Field(default=1024, ge=1)
     """Expert episodes on train tasks to imitate."""
@@ -629,6 +632,32 @@ class WarmupConfig(_Section):
     """Where the warmed-up model goes; None: `<train.run_dir>/<run_name>/warmup_model`."""
 
 
+class EvaluationConfig(_Section):
+    """Held-out evaluation during `longhaul train` (`actors/evaluation.py`): the policy plays the world's `test`
+    tasks, which no actor trains on, on a rollout actor's engine; results go to `evaluations.jsonl`, the summary
+    and the plot."""
+
+    tasks: int | None = Field(default=128, ge=1)
+    """The first this many test tasks in task id order (a fixed list, balanced over hop counts when it is a multiple
+    of their number); None: the whole split."""
+
+    every_steps: int = Field(default=0, ge=0)
+    """Also evaluate every this many learner steps, while training goes on (the episodes share the engine with the
+    rollouts, and weights may change during one); 0: only at the start and at the end."""
+
+    at_start: bool = True
+    """Evaluate the starting policy before any rollout is generated (a fresh run only: a resumed one has it)."""
+
+    at_end: bool = True
+    """Evaluate the final policy when the run reaches `learner.total_steps` (not after a stop request)."""
+
+    temperature: float = Field(default=0.0, ge=0)
+    """Sampling temperature of the evaluation episodes: 0 is greedy, so the same weights play the same episodes."""
+
+    concurrency: int = Field(default=64, ge=1)
+    """Evaluation episodes in flight at once."""
+
+
 class LonghaulConfig(_Section):
     """A whole run."""
 
@@ -647,6 +676,7 @@ class LonghaulConfig(_Section):
     train: TrainConfig = TrainConfig()
     control: ControlConfig = ControlConfig()
     warmup: WarmupConfig = WarmupConfig()
+    evaluation: EvaluationConfig = EvaluationConfig()
 
     @property
     def output_dir(self) -> Path:

@@ -14,7 +14,7 @@ CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
 def test_defaults_describe_the_embedded_cpu_run():
     config = LonghaulConfig()
     assert config.redis.url is None
-    assert config.redis.appendfsync == "everysec"
+    assert config.redis.appendfsync == "always"
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])

@@ -130,14 +130,18 @@ def test_redis_sigkill_with_appendfsync_always_loses_no_acknowledged_append(tmp_
     assert set(acknowledged) - present == set()
 
 
-def test_redis_sigkill_with_appendfsync_everysec_loses_no_acknowledged_append(tmp_path, record_property):
-    """With `everysec` Redis still write(2)s the AOF before it replies, so a killed *process* loses nothing: the
-    kernel has the bytes. The up-to-one-second window of `everysec` opens only when the machine itself goes down
-    (power loss, kernel panic) before the background fsync, which a test on one machine cannot stage; see
-    docs/durability.md."""
+def test_redis_sigkill_with_appendfsync_everysec_loses_at_most_a_tail_of_each_producers_appends(tmp_path,
+                                                                                               record_property):
+    """With `everysec`, Redis usually write(2)s the AOF before it replies, but while a background fsync is still
+    running it postpones the write (up to 2 s) and replies anyway: a killed *process* can then lose the
+    acknowledged appends still in its AOF buffer (seen here: 1 of ~600 once, on a loaded machine). Those are the
+    newest writes, so what a producer loses is always a tail of what it had acknowledged, never a hole in the
+    middle. This is why the default is `always` (docs/durability.md)."""
     acknowledged, present = _durability_run(tmp_path, "everysec")
-    lost = set(acknowledged) - present
     record_property("everysec_acknowledged", len(acknowledged))
-    record_property("everysec_lost", len(lost))
+    record_property("everysec_lost", len(set(acknowledged) - present))
     assert len(acknowledged) >= 400
-    assert lost == set()
+    for producer in ("p0-", "p1-"):
+        sequence = [t for t in acknowledged if t.startswith(producer)]
+        kept = [t in present for t in sequence]
+        assert kept == sorted(kept, reverse=True), f"{producer}: an acknowledged append before a kept one is lost"
