@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from longhaul.actors.argument_choices import ArgumentChoices
 from longhaul.actors.engine import Generation, InferenceEngine
 from longhaul.actors.tool_calls import TOOL_CALL_END, TOOL_CALL_START, TOOL_SCHEMAS, ToolCall, parse_tool_call
 from longhaul.actors.tool_service import TaskInfo, ToolClient, ToolError
@@ -119,6 +120,7 @@ async def run_episode(task: TaskInfo, *, engine: InferenceEngine, tools: ToolCli
     started = time.perf_counter()
     tokens = _Tokens()
     tokens.context(chat.prompt_ids(config.system_prompt, task.question))
+    choices = ArgumentChoices(task.question) if config.constrained_tool_calls and config.argument_choices else None
     finish, reward_parts, tool_calls = "max_turns", {"exact_match": 0.0, "f1": 0.0}, 0
     timings = {"generate_s": 0.0, "tool_s": 0.0}
     for _ in range(config.max_turns):
@@ -130,11 +132,13 @@ async def run_episode(task: TaskInfo, *, engine: InferenceEngine, tools: ToolCli
         tokens.turn_offsets.append(len(tokens.ids))
         if config.constrained_tool_calls:
             tokens.context(chat.call_prefix)
+        schema = None
+        if config.constrained_tool_calls:
+            schema = (choices.schema(config.tools) if choices else None) or tool_call_schema(config.tools)
         t0 = time.perf_counter()
         generation = await engine.generate(
             tokens.ids, max_tokens=budget, stop_token_ids=[chat.im_end, chat.tool_call_end],
-            temperature=config.temperature, top_p=config.top_p,
-            structured_json_schema=tool_call_schema(config.tools) if config.constrained_tool_calls else None)
+            temperature=config.temperature, top_p=config.top_p, structured_json_schema=schema)
         timings["generate_s"] += time.perf_counter() - t0
         tokens.generated(generation)
         text = chat.turn_text(generation.token_ids)
@@ -148,7 +152,7 @@ async def run_episode(task: TaskInfo, *, engine: InferenceEngine, tools: ToolCli
             tool_calls += 1
             t0 = time.perf_counter()
             try:
-                observation = await _call(tools, task, call)
+                observation = await _call(tools, task, call, choices)
             except ToolError as error:
                 if error.kind == "unavailable":
                     finish = "tool_error"
@@ -178,11 +182,19 @@ async def run_episode(task: TaskInfo, *, engine: InferenceEngine, tools: ToolCli
     )
 
 
-async def _call(tools: ToolClient, task: TaskInfo, call: ToolCall) -> str | dict[str, float]:
+async def _call(tools: ToolClient, task: TaskInfo, call: ToolCall,
+                choices: ArgumentChoices | None) -> str | dict[str, float]:
+    """The observation of `call` (the grade, for an answer); what it shows joins the episode's `choices`."""
     if call.name == "search":
-        return _format_hits(await tools.search(call.arguments["query"]))
+        hits = await tools.search(call.arguments["query"])
+        observation = _format_hits(hits)
+        if choices is not None:
+            choices.saw_hits(hits, observation)
+        return observation
     if call.name == "open":
         page = await tools.open(call.arguments["doc_id"])
+        if choices is not None:
+            choices.saw_page(page.doc_id, page.text)
         return page.text
     grade = await tools.answer(task.task_id, call.arguments["answer"])
     return {"exact_match": float(grade.exact_match), "f1": float(grade.f1)}

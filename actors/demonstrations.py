@@ -28,6 +28,7 @@ import random
 from dataclasses import dataclass
 
 from longhaul.actors.agent_loop import ChatFormat, run_episode
+from longhaul.actors.argument_choices import IN_TEXT, admits
 from longhaul.actors.engine import Generation
 from longhaul.actors.search_world import SearchWorld, Task
 from longhaul.actors.tool_calls import TOOL_CALL_END, TOOL_CALL_START, ToolCall
@@ -54,13 +55,13 @@ def expert_calls(world: SearchWorld, task: Task, rng: random.Random, *, top_k: i
     calls: list[ToolCall] = []
     for subject, evidence in zip(subjects, task.evidence_doc_ids, strict=True):
         query = subject
-        calls.append(ToolCall("search", {"query": query}))
+        calls.append(ToolCall("search", {"query": IN_TEXT + query}))
         hits = world.search(query, top_k)
         if evidence not in [hit.doc_id for hit in hits]:
             # The name alone ranked other pages higher: search for the page by its title (what the first search's
             # hits suggest a page of that entity is called).
             query = world.open(evidence).partition("\n\n")[0].replace(":", "")
-            calls.append(ToolCall("search", {"query": query}))
+            calls.append(ToolCall("search", {"query": IN_TEXT + query}))
             hits = world.search(query, top_k)
         others = [hit.doc_id for hit in hits if hit.title.partition(": ")[0] != subject]
         if others and rng.random() < MISCLICK_PROBABILITY:
@@ -71,7 +72,7 @@ def expert_calls(world: SearchWorld, task: Task, rng: random.Random, *, top_k: i
             if hit.title.partition(": ")[0] == subject:
                 calls.append(ToolCall("open", {"doc_id": hit.doc_id}))
         calls.append(ToolCall("open", {"doc_id": evidence}))
-    calls.append(ToolCall("answer", {"answer": task.answer}))
+    calls.append(ToolCall("answer", {"answer": IN_TEXT + task.answer}))
     return calls
 
 
@@ -81,6 +82,7 @@ class ScriptedPolicy:
     admits followed by `<|im_end|>`)."""
 
     def __init__(self, calls: list[ToolCall], tokenizer, chat: ChatFormat, *, constrained: bool):
+        self._calls = [{"name": call.name, "arguments": call.arguments} for call in calls]
         self._turns = [self._turn_ids(call, tokenizer, chat, constrained) for call in calls]
         self._next = 0
 
@@ -98,11 +100,14 @@ class ScriptedPolicy:
         return tokenizer.encode(text, add_special_tokens=False)
 
     async def generate(self, prompt_token_ids: list[int], *, max_tokens: int, stop_token_ids: list[int],
-                       **_sampling) -> Generation:
+                       structured_json_schema: dict | None = None, **_sampling) -> Generation:
         if self._next >= len(self._turns):
             raise RuntimeError("the script has no more calls: the episode should have ended at its answer")
-        ids = self._turns[self._next]
+        call, ids = self._calls[self._next], self._turns[self._next]
         self._next += 1
+        if structured_json_schema is not None and not admits(structured_json_schema, call):
+            # A demonstration the policy could not reproduce under the same constraints would teach it nothing.
+            raise RuntimeError(f"the expert's call {call} is not one the turn's schema admits")
         if len(ids) > max_tokens:  # what an engine does at the token budget
             return Generation(ids[:max_tokens], [0.0] * max_tokens, [0] * max_tokens, "length")
         return Generation(ids, [0.0] * len(ids), [0] * len(ids), "stop")

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from longhaul.actors.agent_loop import ChatFormat, run_episode
 from longhaul.actors.engine import InferenceEngine
 from longhaul.actors.tool_service import TaskInfo, ToolClient
-from longhaul.config import AgentConfig
+from longhaul.config import AgentConfig, EngineConfig, ToolServiceConfig, WorldConfig
 from longhaul.trajectory import Trajectory
 
 
@@ -35,6 +35,9 @@ class EvalResult:
     finish_reasons: dict[str, int]
     success_by_hops: dict[int, float]
     """Success rate per hop count of the tasks."""
+    versions: tuple[int, int]
+    """Oldest and newest policy version that generated a token of the episodes ((-1, -1) if none did): one version
+    unless the weights changed while the evaluation ran."""
     trajectories: list[Trajectory] = field(repr=False)
 
     def summary(self) -> dict:
@@ -42,7 +45,8 @@ class EvalResult:
         return {"episodes": self.episodes, "success_rate": self.success_rate, "mean_reward": self.mean_reward,
                 "mean_tool_calls": self.mean_tool_calls, "max_tool_calls": self.max_tool_calls,
                 "finish_reasons": self.finish_reasons,
-                "success_by_hops": {str(h): s for h, s in sorted(self.success_by_hops.items())}}
+                "success_by_hops": {str(h): s for h, s in sorted(self.success_by_hops.items())},
+                "versions": list(self.versions)}
 
 
 async def held_out_tasks(tools: ToolClient, limit: int | None = None, *, split: str = "test") -> list[TaskInfo]:
@@ -56,6 +60,28 @@ async def held_out_tasks(tools: ToolClient, limit: int | None = None, *, split: 
         tasks += page.tasks
         offset = page.next_offset
     return tasks
+
+
+async def evaluate_model(model_dir: str, *, world: WorldConfig, tools: ToolServiceConfig, engine: EngineConfig,
+                         agent: AgentConfig, limit: int | None, concurrency: int = 64) -> EvalResult:
+    """`evaluate` a model directory on its own: a tool server of `world` and an engine of the model, both in this
+    process, for the first `limit` test tasks (`longhaul evaluate`; a run evaluates on its actors instead)."""
+    from transformers import AutoTokenizer
+
+    from longhaul.actors.tool_service import serve
+
+    server, port = await serve(tools.model_copy(update={"simulated_latency_s": 0.0}), world)
+    policy = None
+    try:
+        policy = await InferenceEngine(model_dir, engine).start()
+        async with ToolClient(f"127.0.0.1:{port}", tools) as client:
+            return await evaluate(await held_out_tasks(client, limit), engine=policy, tools=client,
+                                  chat=ChatFormat(AutoTokenizer.from_pretrained(model_dir)), agent=agent,
+                                  concurrency=concurrency)
+    finally:
+        if policy is not None:
+            policy.shutdown()
+        await server.stop(0)
 
 
 async def evaluate(tasks: list[TaskInfo], *, engine: InferenceEngine, tools: ToolClient, chat: ChatFormat,
@@ -82,10 +108,12 @@ def grade_episodes(tasks: list[TaskInfo], trajectories: list[Trajectory]) -> Eva
     by_hops: dict[int, list[float]] = {}
     for task, score in zip(tasks, exact, strict=True):
         by_hops.setdefault(task.hops, []).append(score)
+    oldest = [t.oldest_version() for t in trajectories if t.oldest_version() >= 0]
+    newest = [int(t.versions.max()) for t in trajectories]  # -1 off the mask: the max is over generated tokens
     return EvalResult(
         episodes=n, success_rate=sum(exact) / n, mean_reward=sum(t.reward for t in trajectories) / n,
         mean_tool_calls=sum(t.num_tool_calls for t in trajectories) / n,
         max_tool_calls=max(t.num_tool_calls for t in trajectories),
         finish_reasons=dict(sorted(Counter(t.finish_reason for t in trajectories).items())),
         success_by_hops={h: sum(s) / len(s) for h, s in sorted(by_hops.items())},
-        trajectories=trajectories)
+        versions=(min(oldest), max(newest)) if oldest else (-1, -1), trajectories=trajectories)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import time
 from typing import Any
 
 import ray
@@ -39,8 +40,10 @@ class RolloutActorHost:
         self._engine = None
         self._actor = None
         self._tools = None
+        self._chat = None
         self._stop = asyncio.Event()
         self._running: asyncio.Task | None = None
+        self._evaluations: set[asyncio.Task] = set()
 
     async def start(self, generate: bool = True) -> dict[str, Any]:
         """Start the engine, and the episodes unless `generate` is False (then `begin` starts them: an actor that
@@ -62,9 +65,9 @@ class RolloutActorHost:
         self._tools = ToolClient(self._tool_address, config.tools)
         store = TrajectoryStore(connect(self._redis_url), config.run_name, config.buffer)
         tasks = await self._tools.all_tasks(config.actor.split)
-        self._actor = RolloutActor(self.actor_id, engine=self._engine, tools=self._tools,
-                                   chat=ChatFormat(AutoTokenizer.from_pretrained(self._model_dir)), store=store,
-                                   tasks=tasks, agent=config.agent, config=config.actor, seed=self._seed)
+        self._chat = ChatFormat(AutoTokenizer.from_pretrained(self._model_dir))
+        self._actor = RolloutActor(self.actor_id, engine=self._engine, tools=self._tools, chat=self._chat,
+                                   store=store, tasks=tasks, agent=config.agent, config=config.actor, seed=self._seed)
         if generate:
             await self.begin()
         host = config.train.metrics_host
@@ -86,11 +89,34 @@ class RolloutActorHost:
             raise self._running.exception()
         return os.getpid()
 
+    async def evaluate(self) -> dict[str, Any]:
+        """Play the held-out tasks (`evaluation` config) on this actor's engine, beside its rollouts, and return the
+        figures (`EvalResult.summary`) with the seconds it took. Nothing goes to the buffer."""
+        from longhaul.actors.evaluation import evaluate, held_out_tasks
+
+        if self._engine is None:
+            raise RuntimeError(f"{self.actor_id}: evaluate() before start()")
+        settings = self.config.evaluation
+        started = time.monotonic()
+        task = asyncio.create_task(evaluate(
+            await held_out_tasks(self._tools, settings.tasks), engine=self._engine, tools=self._tools,
+            chat=self._chat, agent=self.config.agent.model_copy(update={"temperature": settings.temperature}),
+            concurrency=settings.concurrency))
+        self._evaluations.add(task)  # `stop` waits for it: the engine must outlive the episodes using it
+        try:
+            result = await task
+        finally:
+            self._evaluations.discard(task)
+        return {**result.summary(), "seconds": time.monotonic() - started}
+
     async def stop(self) -> int:
-        """Stop admitting groups, let those in flight finish, shut the engine down; returns trajectories appended."""
+        """Stop admitting groups, let those in flight (and any evaluation) finish, shut the engine down; returns
+        trajectories appended."""
         self._stop.set()
         if self._running is not None:
             await self._running
+        if self._evaluations:
+            await asyncio.wait(self._evaluations)
         if self._tools is not None:
             await self._tools.close()
         if self._engine is not None:

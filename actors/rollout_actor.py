@@ -41,6 +41,10 @@ class RolloutActor:
         self.actor_id = actor_id
         self._engine, self._tools, self._chat, self._store = engine, tools, chat, store
         self._tasks, self._agent, self.config = tasks, agent, config
+        self._weights = [config.hop_weights.get(t.hops, 0.0) for t in tasks] if config.hop_weights else None
+        if self._weights is not None and not any(w > 0 for w in self._weights):
+            raise ValueError(f"actor {actor_id}: actor.hop_weights={config.hop_weights} gives no task of split "
+                             f"{config.split!r} a positive weight")
         self._rng = random.Random(seed)
         self.appended = 0
         """Trajectories this actor has appended to the buffer."""
@@ -58,11 +62,16 @@ class RolloutActor:
                     continue
                 if not await self._admit(stop):
                     break
-                groups.add(asyncio.create_task(self._play_group(self._rng.choice(self._tasks))))
+                groups.add(asyncio.create_task(self._play_group(self._draw())))
                 groups = {g for g in groups if not g.done() or self._raise_if_failed(g)}
         finally:
             if groups:
                 await asyncio.gather(*groups)
+
+    def _draw(self) -> TaskInfo:
+        if self._weights is None:
+            return self._rng.choice(self._tasks)
+        return self._rng.choices(self._tasks, self._weights)[0]
 
     async def _admit(self, stop: asyncio.Event) -> bool:
         """Wait until the admission rule admits a whole group; False if stopped first."""

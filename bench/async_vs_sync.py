@@ -67,6 +67,8 @@ def train_command(args, workdir: Path, run_name: str, max_staleness: int | None)
         f"tools.max_page_chars={args.max_page_chars}", f"tools.simulated_latency_s={args.latency_s}",
         "tools.simulated_latency=lognormal", f"tools.simulated_latency_sigma={args.sigma}",
         "train.status_interval_s=5", *(f"world.{k}={v}" for k, v in WORLD.items()),
+        # Throughput, not learning: the untrained model's episode lengths are the long tail this measures.
+        "warmup.enabled=false", "evaluation.at_start=false", "evaluation.at_end=false",
     ]
     if max_staleness is not None:
         overrides.append(f"buffer.staleness.max_staleness={max_staleness}")

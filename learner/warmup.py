@@ -14,12 +14,12 @@ plus the base directory's tokenizer and generation files) that engines and the l
 from __future__ import annotations
 
 import json
-import logging
 import math
 import random
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,8 +31,6 @@ from longhaul.config import WarmupConfig
 from longhaul.learner.batch import pack_micro_batches, token_logprobs
 from longhaul.learner.trainer import lr_factor
 from longhaul.trajectory import Trajectory
-
-log = logging.getLogger(__name__)
 
 # Files of a model directory that are not weights: copied unchanged, so the warmed-up model tokenizes and stops
 # exactly as the base model did.
@@ -92,11 +90,12 @@ def sft_loss(model, batch: list[Trajectory], micro_batch_tokens: int, *, backwar
 
 
 def warm_up(base_model_dir: str | Path, out_dir: str | Path, trajectories: list[Trajectory],
-            config: WarmupConfig) -> WarmupResult:
+            config: WarmupConfig, *, on_step: Callable[[int, int, float, float], None] | None = None) -> WarmupResult:
     """Train the model in `base_model_dir` on the expert tokens of `trajectories`; write it to `out_dir`.
 
     Stops after `config.epochs` passes, `config.max_steps` steps, or the step that crosses `config.time_budget_s`,
-    whichever comes first. `out_dir` must not exist or be empty; it appears complete or not at all."""
+    whichever comes first. `out_dir` must not exist or be empty; it appears complete or not at all. `on_step(step,
+    total_steps, loss, seconds)` is called after every step (progress for the caller to show)."""
     if not trajectories:
         raise ValueError("no demonstrations to warm up on")
     out_dir = Path(out_dir)
@@ -116,7 +115,7 @@ def warm_up(base_model_dir: str | Path, out_dir: str | Path, trajectories: list[
     losses: list[float] = []
     tokens_trained = 0
     done = False
-    for epoch in range(config.epochs):
+    for _ in range(config.epochs):
         for batch in _batches(trajectories, config.batch_tokens, rng):
             loss, tokens = sft_loss(model, batch, config.micro_batch_tokens, backward=True)
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -126,9 +125,8 @@ def warm_up(base_model_dir: str | Path, out_dir: str | Path, trajectories: list[
             losses.append(loss)
             tokens_trained += tokens
             elapsed = time.monotonic() - started
-            if len(losses) % 10 == 0:
-                log.info("warm-up step %d/%d (epoch %d): loss %.4f, %.0fs", len(losses), total_steps, epoch + 1,
-                         loss, elapsed)
+            if on_step is not None:
+                on_step(len(losses), total_steps, loss, elapsed)
             if len(losses) >= total_steps or elapsed >= config.time_budget_s:
                 done = True
                 break

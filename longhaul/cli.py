@@ -110,6 +110,29 @@ def cmd_make_model(config: LonghaulConfig, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_evaluate(config: LonghaulConfig, args: argparse.Namespace) -> int:
+    """Play the held-out test tasks with a model (`model.path=DIR`, e.g. a checkpoint's `model/`; default: the tiny
+    model `make-model` builds) and print the figures. Settings: `evaluation.*`, `agent.*`, `engine.*`."""
+    import asyncio
+    import json
+
+    from longhaul.actors.evaluation import evaluate_model
+    from longhaul.actors.tiny_model import ensure_run_model
+
+    model_dir = ensure_run_model(config.model, config.world)
+    settings = config.evaluation
+    result = asyncio.run(evaluate_model(
+        str(model_dir), world=config.world, tools=config.tools, engine=config.engine,
+        agent=config.agent.model_copy(update={"temperature": settings.temperature}), limit=settings.tasks,
+        concurrency=settings.concurrency))
+    summary = result.summary()
+    print(json.dumps(summary) if args.json else
+          f"{model_dir}: success {result.success_rate:.1%}, F1 {result.mean_reward:.3f} on {result.episodes} test "
+          f"tasks; {result.mean_tool_calls:.1f} tool calls per episode (max {result.max_tool_calls}); finished "
+          f"{result.finish_reasons}; success by hops {summary['success_by_hops']}")
+    return 0
+
+
 def cmd_tool_server(config: LonghaulConfig, args: argparse.Namespace) -> int:
     """Serve the simulated search world's tools over gRPC until SIGTERM or Ctrl-C."""
     import asyncio
@@ -211,6 +234,9 @@ def main(argv: list[str] | None = None) -> int:
     doctor.set_defaults(fn=cmd_doctor)
     commands.add_parser("redis", help=cmd_redis.__doc__).set_defaults(fn=cmd_redis)
     commands.add_parser("make-model", help=cmd_make_model.__doc__).set_defaults(fn=cmd_make_model)
+    evaluate = commands.add_parser("evaluate", help=cmd_evaluate.__doc__)
+    evaluate.add_argument("--json", action="store_true", help="print the figures as one JSON line")
+    evaluate.set_defaults(fn=cmd_evaluate)
     tools = commands.add_parser("tool-server", help=cmd_tool_server.__doc__)
     tools.add_argument("--host", default="127.0.0.1", help="address to bind (the server has no authentication)")
     tools.add_argument("--port", type=int, default=0, help="port (default: a free one, printed on start)")

@@ -109,10 +109,17 @@ class AgentConfig(_Section):
     """Tools offered to the agent; a call of any other is answered as an unknown tool. Without `answer` an episode
     only ends at a limit (useful to exercise long horizons, or to collect exploration)."""
 
-    constrained_tool_calls: bool = False
+    constrained_tool_calls: bool = True
     """Force every turn to be one well-formed tool call: the loop writes `<tool_call>` and the model's JSON is
     constrained to the tool schema (vLLM structured outputs). For policies too weak to learn the format from
-    reward alone; the forced tokens carry loss mask 0."""
+    reward alone, like the tiny default model; the forced tokens carry loss mask 0. Turn it off for a model that
+    writes tool calls itself (configs/gpu.yaml)."""
+
+    argument_choices: bool = True
+    """With `constrained_tool_calls`: each argument must also be one of the strings the episode has shown (names
+    and page titles to search, the doc ids of the last search to open, the words and numbers of the last page to
+    answer; `actors/argument_choices.py`). For models too small to learn copying in the time they have, like the
+    tiny default model: choosing which string stays the policy's decision."""
 
     system_prompt: str = (
         "You answer questions by searching a document collection. Tools: search(query) returns matching pages "
@@ -136,6 +143,11 @@ class ActorConfig(_Section):
 
     split: Literal["train", "test"] = "train"
     """Tasks the actor draws from."""
+
+    hop_weights: dict[int, float] = {}
+    """Relative chance of drawing a task of each hop count (e.g. `{1: 4, 2: 2, 16: 1}`; a hop count left out is
+    never drawn); empty: every task of the split equally. A curriculum: a weak policy learns from the tasks it
+    sometimes solves, and long ones keep the 40-call horizon in the data."""
 
     @model_validator(mode="after")
     def _a_group_fits_in_flight(self) -> ActorConfig:

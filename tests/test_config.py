@@ -68,6 +68,9 @@ def test_gpu_configs_sync_weights_over_nccl_into_a_local_model(name):
     assert config.engine.weight_transfer_backend == "nccl"
     assert config.model.path  # a local Hugging Face directory, not the tiny CPU model
     assert config.agent.max_episode_tokens <= config.engine.max_model_len
+    # A pretrained model writes its own calls: no tiny-model crutches (constraints, warm-up on the toy expert).
+    assert not config.agent.constrained_tool_calls and not config.agent.argument_choices
+    assert config.warmup.enabled is not True
 
 
 def test_multinode_config_joins_an_existing_cluster_and_a_shared_redis():

@@ -18,7 +18,7 @@ from longhaul.trajectory import decode_trajectory, encode_trajectory
 
 # Hop counts up to 16, the long-horizon regime, in a world that still builds in a blink.
 WORLD = WorldConfig(num_entities=120, num_tasks=64, max_hops=16, test_fraction=0.25)
-AGENT = AgentConfig(max_turns=64, max_episode_tokens=16384)
+AGENT = AgentConfig(max_turns=64, max_episode_tokens=16384, constrained_tool_calls=False)
 TOP_K = ToolServiceConfig().search_top_k
 
 
@@ -156,3 +156,12 @@ def test_constrained_demonstrations_write_compact_json_and_end_their_turn_as_the
     for k in range(demo.num_turns):  # the loop's `<tool_call>\n` opens every turn, with mask 0
         assert demo.token_ids[offsets[k]:offsets[k] + len(chat.call_prefix)].tolist() == chat.call_prefix
     assert (demo.finish_reason, demo.reward) == ("answer", 1.0)
+
+
+def test_under_argument_choices_every_expert_call_is_one_the_policy_could_write(world, tokenizer):
+    """The expert plays through the same per-turn schema a constrained policy gets (ScriptedPolicy refuses a call
+    the schema does not admit), over every hop count of the world, and still answers correctly."""
+    tasks = choose_tasks(world, DemonstrationMix(count=32, hop_weights={h: 1 for h in range(1, 17)}), seed=0)
+    agent = AGENT.model_copy(update={"constrained_tool_calls": True, "argument_choices": True})
+    demos = play(world, tasks, tokenizer, agent=agent)
+    assert [(d.finish_reason, d.reward) for d in demos] == [("answer", 1.0)] * len(tasks)

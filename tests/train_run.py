@@ -11,10 +11,14 @@ from pathlib import Path
 from tests.conftest import SMALL_WORLD
 
 
-def train_command(tmp_path: Path, model_cache: Path, *extra: str, run_name: str = "e2e") -> list[str]:
+def train_command(tmp_path: Path, model_cache: Path, *extra: str, run_name: str = "e2e",
+                  warm_start: bool = False) -> list[str]:
     """`longhaul train` on SMALL_WORLD with short episodes and small batches; `extra` args go before the defaults'
-    overrides, so they may add flags (`--resume`) and further `key=value` overrides."""
-    return [sys.executable, "-m", "longhaul.cli", "train", *extra, f"train.run_dir={tmp_path / 'runs'}",
+    overrides, so they may add flags (`--resume`) and further `key=value` overrides. Without `warm_start`, no
+    warm-up and no held-out evaluation; with it, both, a few seconds each."""
+    stages = (["warmup.demonstrations=8", "warmup.max_steps=2", "evaluation.tasks=4"] if warm_start else
+              ["warmup.enabled=false", "evaluation.at_start=false", "evaluation.at_end=false"])
+    return [sys.executable, "-m", "longhaul.cli", "train", *extra, *stages, f"train.run_dir={tmp_path / 'runs'}",
             f"run_name={run_name}", f"redis.data_dir={tmp_path / 'redis'}", f"model.cache_dir={model_cache}",
             "buffer.staleness.batch_size=4", "buffer.staleness.max_staleness=1", "actor.group_size=2",
             "actor.episodes_in_flight=8", "agent.max_turns=3", "agent.max_turn_tokens=64",
