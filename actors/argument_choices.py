@@ -11,8 +11,9 @@ decision, and the reward for it, stay the policy's. The choices:
   and every search hit's title with its colon dropped ("Raigrou College History"), the forms the expert searches;
 - `open(doc_id)`: the doc ids the latest search listed that have not been opened since (a page is opened off the
   results just read, and reading it again before the next search shows nothing new);
-- `answer(answer)`: every name, number, and run of one to three lowercase words of the latest observation (the
-  answer is on the page just read: "1521", "Buhan Holdings", "short story collection").
+- `answer(answer)`: every name, number, and run of one to three lowercase words without a stopword in the latest
+  observation (the answer is on the page just read: "1521", "Buhan Holdings", "short story collection"; a run like
+  "covers the" is no answer to anything, and leaving such runs out halves the choices).
 
 Each string is offered as it appears in running text, after a space (`IN_TEXT`): byte-level BPE encodes a word with
 its leading space, so that is the tokenization the context already holds. A tool whose choices are empty (no
@@ -25,6 +26,8 @@ import re
 from collections.abc import Iterable, Sequence
 from typing import Any, Final
 
+from bm25s.stopwords import STOPWORDS_EN
+
 IN_TEXT: Final = " "
 """Prefix of a query or an answer, as the expert writes them and as they are offered: the string as it appears after
 a space in running text. Byte-level BPE encodes a word with its leading space, so the question's " Thedrer Nights" is
@@ -36,6 +39,7 @@ _NAME: Final = re.compile(r"\b[A-Z][a-z]+(?: [A-Z][a-z]+)*\b")
 _NUMBER: Final = re.compile(r"\b\d(?:[\d,]*\d)?\b")
 _WORD: Final = re.compile(r"\b[a-z]+(?:-[a-z]+)*\b")  # "synth-pop" is one word
 _CLAUSE: Final = re.compile(r"[.,;:!?\n]")
+_STOPWORDS: Final = frozenset(STOPWORDS_EN)
 
 
 class ArgumentChoices:
@@ -106,11 +110,12 @@ def _names(text: str) -> list[str]:
 
 
 def _values(text: str) -> list[str]:
-    """Every name, number, and run of one to three lowercase words within a clause of `text`, names first, then
-    numbers, then runs by length, each in order of first appearance."""
+    """Every name, number, and run of one to three lowercase words within a clause of `text` that holds no
+    stopword, names first, then numbers, then runs by length, each in order of first appearance."""
     runs: list[list[str]] = [[], [], []]
     for clause in _CLAUSE.split(text):
         words = _WORD.findall(clause)
         for n, found in enumerate(runs, start=1):
-            found += [" ".join(words[i:i + n]) for i in range(len(words) - n + 1)]
+            found += [" ".join(words[i:i + n]) for i in range(len(words) - n + 1)
+                      if not _STOPWORDS.intersection(words[i:i + n])]
     return list(dict.fromkeys([*_names(text), *_NUMBER.findall(text), *(run for found in runs for run in found)]))

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
+from collections.abc import Collection
 from dataclasses import dataclass, field
 
 from longhaul.actors.agent_loop import ChatFormat, run_episode
@@ -49,21 +50,23 @@ class EvalResult:
                 "versions": list(self.versions)}
 
 
-async def held_out_tasks(tools: ToolClient, limit: int | None = None, *, split: str = "test") -> list[TaskInfo]:
-    """The first `limit` tasks of `split` in task id order (all of them if None): a fixed list, the same on every
-    call against a server of the same world. The split is balanced over hop counts, and so is a prefix of it only
-    roughly; pass None for the exact balance."""
+async def held_out_tasks(tools: ToolClient, limit: int | None = None, *, split: str = "test",
+                         hops: Collection[int] | None = None) -> list[TaskInfo]:
+    """The first `limit` tasks of `split` in task id order (all of them if None), only those of the given hop counts
+    if `hops`: a fixed list, the same on every call against a server of the same world. The split is balanced over
+    hop counts, and so is a prefix of it only roughly; pass None for the exact balance."""
     tasks: list[TaskInfo] = []
     offset: int | None = 0
     while offset is not None and (limit is None or len(tasks) < limit):
-        page = await tools.list_tasks(split, offset, 1000 if limit is None else min(1000, limit - len(tasks)))
-        tasks += page.tasks
+        page = await tools.list_tasks(split, offset, 1000)
+        tasks += [t for t in page.tasks if hops is None or t.hops in hops]
         offset = page.next_offset
-    return tasks
+    return tasks[:limit]
 
 
 async def evaluate_model(model_dir: str, *, world: WorldConfig, tools: ToolServiceConfig, engine: EngineConfig,
-                         agent: AgentConfig, limit: int | None, concurrency: int = 64) -> EvalResult:
+                         agent: AgentConfig, limit: int | None, hops: Collection[int] | None = None,
+                         concurrency: int = 64) -> EvalResult:
     """`evaluate` a model directory on its own: a tool server of `world` and an engine of the model, both in this
     process, for the first `limit` test tasks (`longhaul evaluate`; a run evaluates on its actors instead)."""
     from transformers import AutoTokenizer
@@ -75,7 +78,7 @@ async def evaluate_model(model_dir: str, *, world: WorldConfig, tools: ToolServi
     try:
         policy = await InferenceEngine(model_dir, engine).start()
         async with ToolClient(f"127.0.0.1:{port}", tools) as client:
-            return await evaluate(await held_out_tasks(client, limit), engine=policy, tools=client,
+            return await evaluate(await held_out_tasks(client, limit, hops=hops), engine=policy, tools=client,
                                   chat=ChatFormat(AutoTokenizer.from_pretrained(model_dir)), agent=agent,
                                   concurrency=concurrency)
     finally:

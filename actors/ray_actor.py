@@ -99,7 +99,8 @@ class RolloutActorHost:
         settings = self.config.evaluation
         started = time.monotonic()
         task = asyncio.create_task(evaluate(
-            await held_out_tasks(self._tools, settings.tasks), engine=self._engine, tools=self._tools,
+            await held_out_tasks(self._tools, settings.tasks, hops=settings.hops), engine=self._engine,
+            tools=self._tools,
             chat=self._chat, agent=self.config.agent.model_copy(update={"temperature": settings.temperature}),
             concurrency=settings.concurrency))
         self._evaluations.add(task)  # `stop` waits for it: the engine must outlive the episodes using it

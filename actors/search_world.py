@@ -29,6 +29,7 @@ share among threads.
 
 from __future__ import annotations
 
+import logging
 import math
 import random
 import re
@@ -43,6 +44,10 @@ import numpy as np
 from bm25s.stopwords import STOPWORDS_EN
 
 from longhaul.config import WorldConfig
+
+# bm25s sets its logger to DEBUG and logs every index build: in every process that builds a world (the driver, the
+# tool server, the warm-up), a line that tells the user nothing.
+logging.getLogger("bm25s").setLevel(logging.WARNING)
 
 Split = Literal["train", "test"]
 
@@ -742,6 +747,11 @@ class SearchWorld:
     @property
     def num_documents(self) -> int:
         return len(self._doc_ids)
+
+    @property
+    def doc_ids(self) -> tuple[str, ...]:
+        """Every page's id, in order."""
+        return self._doc_ids
 
     def search(self, query: str, k: int = 5) -> list[SearchHit]:
         """The top `k` pages for `query` by BM25 over title and body, best first, ties in doc id order.

@@ -5,7 +5,9 @@ needs a real Hugging Face model directory to load. This module makes one:
 
 - a byte-level BPE tokenizer trained with `tokenizers` on the corpus texts, with Qwen's chat tokens `<|endoftext|>`,
   `<|im_start|>`, `<|im_end|>` and the Hermes tool tokens `<tool_call>`, `</tool_call>`, `<tool_response>`,
-  `</tool_response>` as single, never-split ids;
+  `</tool_response>` as single, never-split ids, and the world's document ids (`d0104`) as one id each: an agent
+  opens a page by writing the id a search listed, and copying one id is something a tiny model learns in minutes
+  where copying "d", "0", "1", "0", "4" digit by digit, to tell five hits apart, it did not (docs/benchmarks.md);
 - a Qwen2.5-style chat template (`CHAT_TEMPLATE`) stored in tokenizer_config.json, so that every consumer
   (transformers, vLLM's chat API, our agent loop) renders conversations the same way;
 - a randomly initialised `Qwen2ForCausalLM` (head_dim 64, tied embeddings) saved as bf16 safetensors, with a
@@ -27,7 +29,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 
 import tokenizers
@@ -54,7 +56,7 @@ skip_special_tokens=True by default, and a tool-call parser reading the text mus
 marks them the same way)."""
 
 # Bump when the recipe changes in a way that changes the files: it is part of the cache key.
-_RECIPE_VERSION = 1
+_RECIPE_VERSION = 2
 
 # Chat scaffolding the corpus never contains but every episode repeats dozens of times; mixed into BPE training so
 # role names and the tool-call JSON skeleton become a few tokens rather than many. Fixed text, so determinism holds.
@@ -117,8 +119,9 @@ class ModelDirError(ValueError):
     """`model.path` does not name a loadable local Hugging Face model directory; the message says what is missing."""
 
 
-def make_tiny_model(out_dir: str | Path, config: ModelConfig, texts: Iterable[str]) -> Path:
-    """Train the tokenizer on `texts`, build the random Qwen2 policy, and write both to `out_dir`; return it.
+def make_tiny_model(out_dir: str | Path, config: ModelConfig, texts: Iterable[str], atoms: Sequence[str] = ()) -> Path:
+    """Train the tokenizer on `texts` (with `atoms` as single ids), build the random Qwen2 policy, and write both to
+    `out_dir`; return it.
 
     `out_dir` must not exist or be empty. The files appear there all at once (built beside it, then renamed), so a
     crash mid-build never leaves a directory that looks like a model. Same `config` shape and `texts` give
@@ -130,7 +133,7 @@ def make_tiny_model(out_dir: str | Path, config: ModelConfig, texts: Iterable[st
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.building-", dir=out_dir.parent))
     staging.chmod(0o755)  # mkdtemp makes it private; the model directory is meant to be shared by every process
     try:
-        tokenizer = train_tokenizer(texts, config)
+        tokenizer = train_tokenizer(texts, config, atoms)
         tokenizer.save_pretrained(staging, save_jinja_files=False)  # template inside tokenizer_config.json
         model = _init_model(config, tokenizer)
         model.save_pretrained(staging)
@@ -146,8 +149,9 @@ def make_tiny_model(out_dir: str | Path, config: ModelConfig, texts: Iterable[st
     return out_dir
 
 
-def train_tokenizer(texts: Iterable[str], config: ModelConfig) -> Qwen2Tokenizer:
-    """A byte-level BPE tokenizer over `texts`, with the chat and tool tokens and `CHAT_TEMPLATE`.
+def train_tokenizer(texts: Iterable[str], config: ModelConfig, atoms: Sequence[str] = ()) -> Qwen2Tokenizer:
+    """A byte-level BPE tokenizer over `texts`, with the chat and tool tokens, each of `atoms` as one id (after the
+    BPE vocabulary, before the tool tokens; on top of `config.vocab_size`), and `CHAT_TEMPLATE`.
 
     Deterministic: the trainer breaks ties between equally frequent pairs by pair ids, never by hash order."""
     backend = Tokenizer(models.BPE())
@@ -182,6 +186,7 @@ def train_tokenizer(texts: Iterable[str], config: ModelConfig) -> Qwen2Tokenizer
     # Qwen2Tokenizer registers eos and pad as never-split tokens; <|im_start|> needs registering too (it keeps the id
     # the trainer gave it), and the tool tokens take the last ids.
     tokenizer.add_tokens([AddedToken(IM_START, special=True, normalized=False)], special_tokens=True)
+    tokenizer.add_tokens([AddedToken(atom, special=False, normalized=False) for atom in atoms])
     tokenizer.add_tokens([AddedToken(token, special=False, normalized=False) for token in TOOL_TOKENS])
     return tokenizer
 
@@ -223,22 +228,25 @@ def _init_model(config: ModelConfig, tokenizer: Qwen2Tokenizer) -> Qwen2ForCausa
     return model
 
 
-def ensure_model(path: str | Path | None, config: ModelConfig, texts_factory: Callable[[], Iterable[str]]) -> Path:
+def ensure_model(path: str | Path | None, config: ModelConfig,
+                 corpus_factory: Callable[[], tuple[Iterable[str], Sequence[str]]]) -> Path:
     """The policy model directory for a run: `path` if given (validated, never modified), else the tiny model.
 
     The tiny model lives in `config.cache_dir` under a key of its shape, seed, recipe, library versions and a digest
-    of the texts, and is built on the first call only. `texts_factory` is not called when `path` is given; otherwise
-    it runs on every call, because the corpus digest is the cache key: a changed world never silently reuses a
-    tokenizer trained on another corpus. Concurrent builders of the same key are safe: the first rename wins and the
-    others' copies (identical anyway) are discarded."""
+    of the corpus, and is built on the first call only. `corpus_factory` gives the (texts, atoms) the tokenizer is
+    built from; it is not called when `path` is given, and otherwise runs on every call, because the corpus digest
+    is the cache key: a changed world never silently reuses a tokenizer trained on another corpus. Concurrent
+    builders of the same key are safe: the first rename wins and the others' copies (identical anyway) are
+    discarded."""
     if path is not None:
         return validate_model_dir(path)
-    texts = list(texts_factory())
-    target = Path(config.cache_dir) / f"tiny-{tiny_model_key(config, texts)}"
+    texts, atoms = corpus_factory()
+    texts = list(texts)
+    target = Path(config.cache_dir) / f"tiny-{tiny_model_key(config, texts, atoms)}"
     if (target / "config.json").is_file():
         return target
     try:
-        return make_tiny_model(target, config, texts)
+        return make_tiny_model(target, config, texts, atoms)
     except FileExistsError:
         # Another process finished the same build between our check and our rename.
         return validate_model_dir(target)
@@ -248,17 +256,18 @@ def ensure_run_model(model: ModelConfig, world: WorldConfig) -> Path:
     """`ensure_model` for a run: `model.path` if set, else the tiny model with its tokenizer trained on `world`'s
     corpus. The search world (bm25s, and numba with it) is imported only when the corpus is needed."""
 
-    def corpus() -> list[str]:
+    def corpus() -> tuple[list[str], tuple[str, ...]]:
         from longhaul.actors.search_world import SearchWorld
 
-        return SearchWorld.generate(world).corpus_texts()
+        built = SearchWorld.generate(world)
+        return list(built.corpus_texts()), built.doc_ids
 
     return ensure_model(model.path, model, corpus)
 
 
-def tiny_model_key(config: ModelConfig, texts: Iterable[str]) -> str:
-    """Cache key of the tiny model built from `config` and `texts`: everything its files depend on, and nothing else
-    (`path` and `cache_dir` are excluded)."""
+def tiny_model_key(config: ModelConfig, texts: Iterable[str], atoms: Sequence[str] = ()) -> str:
+    """Cache key of the tiny model built from `config`, `texts` and `atoms`: everything its files depend on, and
+    nothing else (`path` and `cache_dir` are excluded)."""
     corpus = hashlib.sha256()
     for text in texts:
         encoded = text.encode("utf-8")
@@ -267,6 +276,7 @@ def tiny_model_key(config: ModelConfig, texts: Iterable[str]) -> str:
     inputs = {
         "shape": config.model_dump(mode="json", exclude={"path", "cache_dir"}),
         "corpus_sha256": corpus.hexdigest(),
+        "atoms": list(atoms),
         "recipe": _RECIPE_VERSION,
         "versions": [tokenizers.__version__, transformers.__version__, torch.__version__],
     }

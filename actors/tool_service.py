@@ -681,7 +681,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--metrics-host", help="address /metrics binds (default: --host)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("bm25s").setLevel(logging.WARNING)  # it logs every index build at DEBUG
     try:
         config = load_config(args.config, args.set)
     except ConfigError as exc:

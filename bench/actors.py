@@ -115,7 +115,8 @@ async def measure(args) -> dict:
     from longhaul.config import AgentConfig, EngineConfig, ModelConfig, WorldConfig
 
     world = SearchWorld.generate(WorldConfig())
-    model_dir = ensure_model(None, ModelConfig(cache_dir=Path(args.model_cache)), world.corpus_texts)
+    model_dir = ensure_model(None, ModelConfig(cache_dir=Path(args.model_cache)),
+                             lambda: (world.corpus_texts(), world.doc_ids))
     chat = ChatFormat(AutoTokenizer.from_pretrained(model_dir))
     infos = [TaskInfo(t.task_id, t.question, t.hops, t.split) for t in world.tasks("train")]
     engine_config = EngineConfig(max_model_len=8192, max_num_seqs=256, cpu_kvcache_space_gib=4,

@@ -37,25 +37,25 @@ reports 2.77× on GPUs).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 import urllib.request
 from pathlib import Path
 
+from train_runs import read_jsonl, run_to_completion, train_command
+
 TARGET = 2.5
 
 # The world of the tests (tests/conftest.py SMALL_WORLD): generated in a blink, so a run's tool server is up at once.
-WORLD = {"num_entities": 60, "num_tasks": 50, "max_hops": 8}
+WORLD = {"num_entities": 60, "num_tasks": 50, "max_hops": 8, "test_fraction": 0.1}
 
 
-def train_command(args, workdir: Path, run_name: str, max_staleness: int | None) -> list[str]:
+def run_command(args, workdir: Path, run_name: str, max_staleness: int | None) -> list[str]:
     """`longhaul train` for one run; `max_staleness` None keeps the default (async)."""
     overrides = [
         f"run_name={run_name}", f"train.run_dir={workdir / 'runs'}", f"redis.data_dir={workdir / 'redis' / run_name}",
@@ -72,15 +72,7 @@ def train_command(args, workdir: Path, run_name: str, max_staleness: int | None)
     ]
     if max_staleness is not None:
         overrides.append(f"buffer.staleness.max_staleness={max_staleness}")
-    return [sys.executable, "-m", "longhaul.cli", "train", *overrides]
-
-
-def read_steps(path: Path) -> list[dict]:
-    """Whole lines of `steps.jsonl` so far (the learner may be writing the next one)."""
-    if not path.exists():
-        return []
-    lines = path.read_text().split("\n")[:-1]  # the last element is '' or a line still being written
-    return [json.loads(line) for line in lines if line]
+    return train_command(*overrides)
 
 
 def scrape(address: str) -> dict[str, float]:
@@ -115,18 +107,6 @@ def scrape_actors(run_dir: Path) -> tuple[float, dict[str, float]]:
     return now, total
 
 
-def kill_tree(process: subprocess.Popen) -> None:
-    """End a run we started and everything it started (Ray, the engine, the tool server), by pid."""
-    import psutil
-
-    with contextlib.suppress(psutil.NoSuchProcess):
-        parent = psutil.Process(process.pid)
-        for child in [*parent.children(recursive=True), parent]:
-            with contextlib.suppress(psutil.NoSuchProcess):
-                child.kill()
-    process.wait()
-
-
 def histogram(samples: dict[str, float], name: str) -> list[tuple[float, float]]:
     """(upper bound, cumulative count) of a histogram's buckets, in order."""
     buckets = [(float(k.split('le="')[1].split('"')[0]), v) for k, v in samples.items()
@@ -147,35 +127,24 @@ def run_once(args, workdir: Path, mode: str, index: int) -> dict:
     run_name = f"{mode}-{index}"
     run_dir = workdir / "runs" / run_name
     staleness = 0 if mode == "sync" else None
-    command = train_command(args, workdir, run_name, staleness)
+    command = run_command(args, workdir, run_name, staleness)
     log_path = workdir / f"{run_name}.log"
     first, last = args.warmup_steps, args.warmup_steps + args.steps
     started = time.monotonic()
-    with log_path.open("w") as log:
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                   env={**os.environ, "PYTHONUNBUFFERED": "1"})
-        scrapes: dict[int, tuple[float, dict[str, float]]] = {}
-        try:
-            deadline = started + args.run_timeout_s
-            while len(scrapes) < 2:
-                if process.poll() is not None:
-                    raise RuntimeError(f"{run_name}: longhaul train exited with {process.returncode} before step "
-                                       f"{last}; its log:\n{log_path.read_text()[-4000:]}")
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"{run_name}: not at step {last} after {args.run_timeout_s} s; log: {log_path}")
-                done = len(read_steps(run_dir / "checkpoints" / "steps.jsonl"))
-                for step in (first, last):
-                    # Scrape as soon as the step is on disk: the run stops (and its actors with it) after the last.
-                    if done >= step and step not in scrapes:
-                        scrapes[step] = scrape_actors(run_dir)
-                time.sleep(0.05)
-            process.wait(timeout=args.run_timeout_s)
-        finally:
-            if process.poll() is None:
-                kill_tree(process)
-    if process.returncode != 0:
-        raise RuntimeError(f"{run_name}: longhaul train exited with {process.returncode}; log: {log_path}")
-    records = read_steps(run_dir / "checkpoints" / "steps.jsonl")
+    scrapes: dict[int, tuple[float, dict[str, float]]] = {}
+
+    def scrape_at_the_measured_steps() -> bool:
+        done = len(read_jsonl(run_dir / "checkpoints" / "steps.jsonl"))
+        for step in (first, last):
+            # Scrape as soon as the step is on disk: the run stops (and its actors with it) after the last.
+            if done >= step and step not in scrapes:
+                scrapes[step] = scrape_actors(run_dir)
+        return len(scrapes) == 2
+
+    run_to_completion(command, log_path, args.run_timeout_s, name=run_name, poll=scrape_at_the_measured_steps)
+    if len(scrapes) < 2:
+        raise RuntimeError(f"{run_name}: the run ended before step {last} was scraped; log: {log_path}")
+    records = read_jsonl(run_dir / "checkpoints" / "steps.jsonl")
     by_step = {r["step"]: r for r in records}
     window = [by_step[s] for s in range(first + 1, last + 1)]
     seconds = by_step[last]["time"] - by_step[first]["time"]

@@ -109,19 +109,23 @@ def warm_up(base_model_dir: str | Path, out_dir: str | Path, trajectories: list[
     steps_per_epoch = len(_batches(trajectories, config.batch_tokens, random.Random(0)))
     total_steps = min(config.max_steps, config.epochs * steps_per_epoch)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=0.0)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_factor(step, config.warmup_steps, total_steps, "cosine"))
     started = time.monotonic()
     losses: list[float] = []
     tokens_trained = 0
     done = False
     for _ in range(config.epochs):
         for batch in _batches(trajectories, config.batch_tokens, rng):
+            # The cosine runs over the steps or the time budget, whichever is spent faster: a warm-up cut short by
+            # its budget still ends at the low rate that consolidates what it learned.
+            spent = max(len(losses) / total_steps, (time.monotonic() - started) / config.time_budget_s)
+            factor = lr_factor(min(total_steps, round(spent * total_steps)), config.warmup_steps, total_steps,
+                               "cosine")
+            for group in optimizer.param_groups:
+                group["lr"] = config.learning_rate * factor
             loss, tokens = sft_loss(model, batch, config.micro_batch_tokens, backward=True)
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            scheduler.step()
             losses.append(loss)
             tokens_trained += tokens
             elapsed = time.monotonic() - started

@@ -124,7 +124,7 @@ def cmd_evaluate(config: LonghaulConfig, args: argparse.Namespace) -> int:
     result = asyncio.run(evaluate_model(
         str(model_dir), world=config.world, tools=config.tools, engine=config.engine,
         agent=config.agent.model_copy(update={"temperature": settings.temperature}), limit=settings.tasks,
-        concurrency=settings.concurrency))
+        hops=settings.hops, concurrency=settings.concurrency))
     summary = result.summary()
     print(json.dumps(summary) if args.json else
           f"{model_dir}: success {result.success_rate:.1%}, F1 {result.mean_reward:.3f} on {result.episodes} test "

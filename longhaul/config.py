@@ -144,10 +144,10 @@ class ActorConfig(_Section):
     split: Literal["train", "test"] = "train"
     """Tasks the actor draws from."""
 
-    hop_weights: dict[int, float] = {}
-    """Relative chance of drawing a task of each hop count (e.g. `{1: 4, 2: 2, 16: 1}`; a hop count left out is
-    never drawn); empty: every task of the split equally. A curriculum: a weak policy learns from the tasks it
-    sometimes solves, and long ones keep the 40-call horizon in the data."""
+    hop_weights: dict[int, float] = {1: 4.0, 2: 4.0, 3: 1.0, 16: 1.0}
+    """Relative chance of drawing a task of each hop count (a hop count left out is never drawn); empty: every task
+    of the split equally. A curriculum: a weak policy learns from the tasks it sometimes solves, and the 16-hop ones
+    keep the 40-call horizon in the data."""
 
     @model_validator(mode="after")
     def _a_group_fits_in_flight(self) -> ActorConfig:
@@ -306,10 +306,11 @@ class WorldConfig(_Section):
     least k tool calls; finding each page (a search) and reading it (an open, often two of an entity's three pages)
     makes the longest tasks need 40+."""
 
-    num_tasks: int = Field(default=2000, ge=1)
-    """Tasks generated, spread evenly over hop counts."""
+    num_tasks: int = Field(default=20000, ge=1)
+    """Tasks generated, spread evenly over hop counts. Many, because a small policy imitating a few thousand
+    questions memorises them instead of learning to search (docs/benchmarks.md, "Learning")."""
 
-    test_fraction: float = Field(default=0.1, ge=0, lt=1)
+    test_fraction: float = Field(default=0.05, ge=0, lt=1)
     """Share of tasks held out for evaluation (by task, never shown in training)."""
 
     @model_validator(mode="after")
@@ -438,7 +439,7 @@ class LearnerConfig(_Section):
     advantage: Literal["grpo", "drgrpo", "rloo"] = "grpo"
     """Group advantage: normalised by the group's std (GRPO), mean-centred only (Dr.GRPO), or leave-one-out."""
 
-    learning_rate: float = Field(default=1e-4, gt=0)
+    learning_rate: float = Field(default=3e-4, gt=0)
     """Peak AdamW learning rate (the tiny model learns at this rate; a 7B model wants ~1e-6)."""
 
     weight_decay: float = Field(default=0.0, ge=0)
@@ -449,8 +450,9 @@ class LearnerConfig(_Section):
     schedule: Literal["constant", "cosine"] = "constant"
     """After warm-up: hold the peak rate, or decay it to 10 % of the peak by `total_steps` (cosine)."""
 
-    total_steps: int = Field(default=1000, ge=1)
-    """Length of the run in learner steps; `longhaul train` stops there."""
+    total_steps: int = Field(default=30, ge=1)
+    """Length of the run in learner steps; `longhaul train` stops there. The default fits the embedded run in about
+    15 minutes on 2 CPU cores, warm-up included; a real run sets its own (configs/gpu.yaml)."""
 
     max_grad_norm: float = Field(default=1.0, gt=0)
     """Global gradient-norm clip."""
@@ -607,21 +609,24 @@ class WarmupConfig(_Section):
     """Run the warm-up before training, and start the actors and the learner from its model. None: only for the
     tiny model (`model.path` unset), which starts from random weights and could not write a tool call without it."""
 
-    demonstrations: int = Field(default=1024, ge=1)
-    """Expert episodes on train tasks to imitate."""
+    demonstrations: int = Field(default=6144, ge=1)
+    """Expert episodes on train tasks to imitate, each of a different task while there are enough: distinct tasks,
+    not passes over the same ones, are what make imitation generalise."""
 
-    hop_weights: dict[int, float] = {}
+    hop_weights: dict[int, float] = {1: 1.0, 2: 1.0}
     """Relative share of each hop count among the demonstrated tasks (e.g. `{1: 4, 2: 2, 16: 1}`); empty: every hop
-    count of the world equally. Easy tasks teach the moves; long ones teach to keep going for 40+ calls."""
+    count of the world equally. Short tasks teach the moves and when to answer; a tiny model given long ones too
+    learns only to keep going (measured: it then never answered, docs/benchmarks.md)."""
 
     epochs: int = Field(default=4, ge=1)
     """Passes over the demonstrations (the warm-up stops earlier at `max_steps` or `time_budget_s`)."""
 
-    max_steps: int = Field(default=400, ge=1)
+    max_steps: int = Field(default=2000, ge=1)
     """Optimizer steps at most."""
 
     learning_rate: float = Field(default=3e-3, gt=0)
-    """Peak AdamW rate; it decays to 10 % by the last step (cosine). High, because the tiny model starts random."""
+    """Peak AdamW rate; it decays to 10 % (cosine) by the last step or the end of `time_budget_s`, whichever comes
+    first. High, because the tiny model starts random."""
 
     warmup_steps: int = Field(default=10, ge=0)
     """Linear ramp of the learning rate over the first steps."""
@@ -634,7 +639,7 @@ class WarmupConfig(_Section):
     an episode of half this length or more then gets a pass of its own, with no padding, so attention takes the fast
     causal kernel instead of a materialised mask (measured 3× faster at 4k tokens)."""
 
-    time_budget_s: float = Field(default=240.0, gt=0)
+    time_budget_s: float = Field(default=360.0, gt=0)
     """Wall-clock limit of the optimisation; it stops after the step that crosses it and saves the model."""
 
     seed: int = 0
@@ -649,9 +654,13 @@ class EvaluationConfig(_Section):
     tasks, which no actor trains on, on a rollout actor's engine; results go to `evaluations.jsonl`, the summary
     and the plot."""
 
-    tasks: int | None = Field(default=128, ge=1)
-    """The first this many test tasks in task id order (a fixed list, balanced over hop counts when it is a multiple
-    of their number); None: the whole split."""
+    tasks: int | None = Field(default=None, ge=1)
+    """The first this many test tasks (of `hops`) in task id order, a fixed list; None: all of them."""
+
+    hops: list[int] | None = [1, 2]
+    """Only test tasks of these hop counts; None: every hop count. A tiny model learns the short tasks in minutes
+    and none of the 16-hop ones: evaluating where learning can show keeps the figure from drowning in zeros (the
+    per-hop success rates are reported either way)."""
 
     every_steps: int = Field(default=0, ge=0)
     """Also evaluate every this many learner steps, while training goes on (the episodes share the engine with the

@@ -137,7 +137,8 @@ class TrainingRun:
             self._train(learner, store, pool)
             self._state = "stopping"
             if learner.step >= config.learner.total_steps and config.evaluation.at_end:
-                self._evaluations.wait(self.stop_requested)  # one in flight from the loop: it is not the last
+                if (evaluated := self._evaluations.wait(self.stop_requested)) is not None:  # one from the loop
+                    print(f"  held-out   {describe(evaluated)}", flush=True)
                 if running := [m for m in pool.members() if m.state == "running"]:
                     self._evaluate(running[0], step=learner.step)
             learner.finish()

@@ -11,6 +11,7 @@ The warmed-up model is kept in the run's directory: a resumed run, or a rerun of
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -45,9 +46,12 @@ def warm_start(config: LonghaulConfig, base_model_dir: Path, *,
            f"imitating them for up to {settings.time_budget_s:.0f} s ...")
     from longhaul.learner.warmup import warm_up
 
+    shown = [-math.inf]  # when the last progress line was written
+
     def progress(step: int, total: int, loss: float, seconds: float) -> None:
-        if step == 1 or step % 20 == 0 or step == total:
+        if seconds - shown[0] >= 30 or step == total:
             report(f"  warm-up    step {step}/{total}  loss {loss:.3f}  {seconds:.0f} s")
+            shown[0] = seconds
 
     result = warm_up(base_model_dir, out_dir, demonstrations, settings, on_step=progress)
     report(f"  warm-up    {result.steps} steps in {result.seconds:.0f} s: loss {result.loss_first:.3f} -> "
@@ -68,8 +72,10 @@ def _demonstrations(config: LonghaulConfig, model_dir: Path):
     hops = settings.hop_weights or {h: 1.0 for h in range(config.world.min_hops, config.world.max_hops + 1)}
     tasks = choose_tasks(world, DemonstrationMix(settings.demonstrations, hops), settings.seed)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    # The expert's episodes need real tool answers, not the benchmark's simulated slowness.
-    tools_config = config.tools.model_copy(update={"simulated_latency_s": 0.0})
+    # The expert's episodes need real tool answers: not the benchmarks' simulated slowness, and no timeout while the
+    # server, sharing this event loop with thousands of episodes, is slow to answer (a timed-out search would leave
+    # the expert's next call outside what the episode has shown).
+    tools_config = config.tools.model_copy(update={"simulated_latency_s": 0.0, "deadline_s": 600.0})
 
     async def play():
         server, port = await serve(tools_config, world)

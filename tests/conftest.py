@@ -13,7 +13,7 @@ from longhaul.buffer.store import TrajectoryStore
 from longhaul.config import BufferConfig, ModelConfig, WorldConfig
 
 # A world small enough to build in a blink; its corpus trains the tiny model's tokenizer.
-SMALL_WORLD = WorldConfig(num_entities=60, num_tasks=50, max_hops=8)
+SMALL_WORLD = WorldConfig(num_entities=60, num_tasks=50, max_hops=8, test_fraction=0.1)
 
 
 @pytest.fixture(scope="session")
@@ -22,8 +22,9 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory):
     from longhaul.actors.search_world import SearchWorld  # imported here: bm25s pulls numba into the process
     from longhaul.actors.tiny_model import make_tiny_model
 
+    world = SearchWorld.generate(SMALL_WORLD)
     return make_tiny_model(tmp_path_factory.mktemp("tiny-model"), ModelConfig(max_position_embeddings=16384),
-                           SearchWorld.generate(SMALL_WORLD).corpus_texts())
+                           world.corpus_texts(), world.doc_ids)
 
 
 @pytest.fixture(scope="session")

@@ -46,16 +46,20 @@ def test_held_out_tasks_are_the_test_split_in_task_id_order_and_the_figures_grad
             async with ToolClient(f"127.0.0.1:{port}", ToolServiceConfig()) as tools:
                 tasks = await held_out_tasks(tools)
                 first_five = await held_out_tasks(tools, 5)
+                short = await held_out_tasks(tools, hops={1, 2})
+                first_short = await held_out_tasks(tools, 2, hops={1, 2})
                 oracle = Oracle(tokenizer, {t.question: t.answer for t in test}, solved)
                 result = await evaluate(tasks, engine=oracle, tools=tools, chat=ChatFormat(tokenizer),
                                         agent=AgentConfig(constrained_tool_calls=False), concurrency=4)
-                return tasks, first_five, result
+                return tasks, first_five, result, short, first_short
         finally:
             await server.stop(0)
 
-    tasks, first_five, result = asyncio.run(scenario())
+    tasks, first_five, result, short, first_short = asyncio.run(scenario())
     assert [t.task_id for t in tasks] == [t.task_id for t in test]  # SMALL_WORLD holds out 5 of its 50 tasks
     assert first_five == tasks[:5]
+    assert [t.task_id for t in short] == [t.task_id for t in test if t.hops in (1, 2)] and len(short) >= 2
+    assert first_short == short[:2]
     expected_success = len(solved) / len(test)
     assert result.episodes == len(test)
     assert result.success_rate == pytest.approx(expected_success)

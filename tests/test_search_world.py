@@ -116,13 +116,13 @@ def test_hop_counts_span_min_to_max_evenly(default):
     counts = Counter(task.hops for task in default.tasks())
     assert sorted(counts) == list(range(1, 17))
     assert max(counts.values()) - min(counts.values()) <= 1
-    assert sum(counts.values()) == 2000
+    assert sum(counts.values()) == 20000
 
 
 def test_default_world_has_16_hop_tasks_over_16_distinct_pages(default):
     """With three pages per entity, finding and reading 16 pages takes 40+ tool calls: the long-horizon regime."""
     longest = [task for task in default.tasks() if task.hops == 16]
-    assert len(longest) == 125
+    assert len(longest) == 1250
     assert all(len(set(task.evidence_doc_ids)) == 16 for task in longest)
 
 

@@ -318,8 +318,8 @@ def test_vllm_cpu_generates_and_its_logprobs_match_transformers(model_dir, token
 # --- ensure_model ----------------------------------------------------------------------------------------------------
 
 
-def never_called() -> list[str]:
-    raise AssertionError("texts_factory must not run when model.path is given")
+def never_called() -> tuple[list[str], tuple[str, ...]]:
+    raise AssertionError("corpus_factory must not run when model.path is given")
 
 
 def test_ensure_model_returns_an_existing_directory_untouched(model_dir):
@@ -349,12 +349,12 @@ def test_ensure_model_rejects_a_path_that_is_not_a_local_directory(tmp_path):
 
 def test_ensure_model_builds_the_tiny_model_once_and_reuses_it(tmp_path, model_dir):
     config = ModelConfig(cache_dir=tmp_path / "models")
-    built = ensure_model(None, config, corpus)
+    built = ensure_model(None, config, lambda: (corpus(), ()))
     assert built.parent == tmp_path / "models"
     assert file_hashes(built) == file_hashes(model_dir)
     before = file_states(built)
     time.sleep(0.01)  # a rebuild would then show a later mtime
-    assert ensure_model(None, config, corpus) == built
+    assert ensure_model(None, config, lambda: (corpus(), ())) == built
     assert file_states(built) == before
     assert [p.name for p in (tmp_path / "models").iterdir()] == [built.name]
 
@@ -362,15 +362,17 @@ def test_ensure_model_builds_the_tiny_model_once_and_reuses_it(tmp_path, model_d
 def test_ensure_model_keys_the_cache_by_shape_seed_and_corpus(tmp_path):
     config = ModelConfig(cache_dir=tmp_path)
     small = corpus(50)
-    base = ensure_model(None, config, lambda: small)
+    base = ensure_model(None, config, lambda: (small, ()))
     others = {
-        ensure_model(None, config.model_copy(update={"seed": 1}), lambda: small),
-        ensure_model(None, config.model_copy(update={"num_layers": 1}), lambda: small),
-        ensure_model(None, config, lambda: corpus(51)),
+        ensure_model(None, config.model_copy(update={"seed": 1}), lambda: (small, ())),
+        ensure_model(None, config.model_copy(update={"num_layers": 1}), lambda: (small, ())),
+        ensure_model(None, config, lambda: (corpus(51), ())),
+        ensure_model(None, config, lambda: (small, ("d0001",))),
     }
-    assert base not in others and len(others) == 3
+    assert base not in others and len(others) == 4
     # Where the cache lives is not part of the key.
-    assert ensure_model(None, config.model_copy(update={"cache_dir": tmp_path / "b"}), lambda: small).name == base.name
+    assert ensure_model(None, config.model_copy(update={"cache_dir": tmp_path / "b"}),
+                        lambda: (small, ())).name == base.name
 
 
 # --- the search world's corpus ---------------------------------------------------------------------------------------
@@ -380,7 +382,7 @@ def test_a_search_worlds_corpus_tokenizes_word_by_word(tmp_path):
     # How a run wires it: the world is generated from its config in every process, so the factory is cheap.
     world_config = WorldConfig(num_entities=60, num_tasks=50)
     built = ensure_model(None, ModelConfig(cache_dir=tmp_path),
-                         lambda: SearchWorld.generate(world_config).corpus_texts())
+                         lambda: (SearchWorld.generate(world_config).corpus_texts(), ()))
     tokenizer = AutoTokenizer.from_pretrained(built)
     texts = list(SearchWorld.generate(world_config).corpus_texts())
     # Words as BPE sees them (with their leading space): the 200 most frequent, names and template words alike,
@@ -415,3 +417,18 @@ def test_model_config_requires_kv_heads_to_divide_heads():
         load_config(None, ["model.hidden_size=256", "model.num_heads=4", "model.num_kv_heads=3"])
     grouped = load_config(None, ["model.hidden_size=256", "model.num_heads=4", "model.num_kv_heads=2"]).model
     assert (grouped.num_heads, grouped.num_kv_heads) == (4, 2)
+
+
+def test_a_worlds_doc_ids_are_single_ids_where_search_lists_them_and_where_a_call_names_them(tmp_path):
+    world = SearchWorld.generate(WorldConfig(num_entities=60, num_tasks=50))
+    built = ensure_model(None, ModelConfig(cache_dir=tmp_path), lambda: (world.corpus_texts(), world.doc_ids))
+    tokenizer = AutoTokenizer.from_pretrained(built)
+    doc_id = world.doc_ids[103]
+    [atom] = tokenizer.encode(doc_id, add_special_tokens=False)
+    listed = tokenizer.encode(f"[{doc_id}] Raigrou College: History", add_special_tokens=False)
+    called = tokenizer.encode(f'{{"name":"open","arguments":{{"doc_id":"{doc_id}"}}}}', add_special_tokens=False)
+    assert listed.count(atom) == called.count(atom) == 1
+    assert tokenizer.decode(listed) == f"[{doc_id}] Raigrou College: History"
+    # The ids sit between the BPE vocabulary and the tool tokens, which keep the last ids.
+    assert tokenizer.encode(TOOL_TOKENS[-1], add_special_tokens=False) == [len(tokenizer) - 1]
+    assert tokenizer.encode(world.doc_ids[-1], add_special_tokens=False) == [len(tokenizer) - 1 - len(TOOL_TOKENS)]

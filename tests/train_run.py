@@ -16,7 +16,8 @@ def train_command(tmp_path: Path, model_cache: Path, *extra: str, run_name: str 
     """`longhaul train` on SMALL_WORLD with short episodes and small batches; `extra` args go before the defaults'
     overrides, so they may add flags (`--resume`) and further `key=value` overrides. Without `warm_start`, no
     warm-up and no held-out evaluation; with it, both, a few seconds each."""
-    stages = (["warmup.demonstrations=8", "warmup.max_steps=2", "evaluation.tasks=4"] if warm_start else
+    stages = (["warmup.demonstrations=8", "warmup.max_steps=2", "evaluation.tasks=4", "evaluation.hops=null"]
+              if warm_start else
               ["warmup.enabled=false", "evaluation.at_start=false", "evaluation.at_end=false"])
     return [sys.executable, "-m", "longhaul.cli", "train", *extra, *stages, f"train.run_dir={tmp_path / 'runs'}",
             f"run_name={run_name}", f"redis.data_dir={tmp_path / 'redis'}", f"model.cache_dir={model_cache}",
