@@ -14,6 +14,7 @@ unreachable tool service ends the episode (`tool_error`), since no turn could su
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -94,6 +95,8 @@ class _Tokens:
     logprobs: list[float] = field(default_factory=list)
     versions: list[int] = field(default_factory=list)
     turn_offsets: list[int] = field(default_factory=list)
+    grammars: list[str] = field(default_factory=list)
+    """One per turn when the turns are constrained (`Trajectory.turn_grammars`), else none."""
 
     def context(self, ids: list[int]) -> None:
         self.ids += ids
@@ -135,6 +138,7 @@ async def run_episode(task: TaskInfo, *, engine: InferenceEngine, tools: ToolCli
         schema = None
         if config.constrained_tool_calls:
             schema = (choices.schema(config.tools) if choices else None) or tool_call_schema(config.tools)
+            tokens.grammars.append(json.dumps(schema, separators=(",", ":")))
         t0 = time.perf_counter()
         generation = await engine.generate(
             tokens.ids, max_tokens=budget, stop_token_ids=[chat.im_end, chat.tool_call_end],
@@ -178,7 +182,7 @@ async def run_episode(task: TaskInfo, *, engine: InferenceEngine, tools: ToolCli
         behavior_logprobs=np.asarray(tokens.logprobs, dtype="<f4"), versions=np.asarray(tokens.versions, dtype="<i4"),
         turn_offsets=np.asarray(tokens.turn_offsets, dtype="<u4"), reward=float(reward_parts["f1"]),
         num_turns=len(tokens.turn_offsets) - 1, num_tool_calls=tool_calls, finish_reason=finish,
-        reward_parts=reward_parts, timings=timings,
+        reward_parts=reward_parts, timings=timings, turn_grammars=tokens.grammars,
     )
 
 

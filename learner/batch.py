@@ -8,15 +8,23 @@ Micro-batches bound activation memory by a token budget: sequences sorted by len
 greedily while (sequences × padded length) stays within `micro_batch_tokens`. Sorting keeps padding small when
 episode lengths vary by 10× (a 3-call episode beside a 45-call one); a sequence over the budget gets a micro-batch of
 its own rather than being cut, because a cut episode would be scored without its context.
+
+Tokens of constrained turns are scored under their turn's grammar (`learner/grammar_mask.py`): the micro-batch carries
+the admitted-token bitmask of each, and `token_logprobs` renormalises the logits over it, as the engine did.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
 
 from longhaul.buffer.store import Delivery
+from longhaul.learner.grammar_mask import GrammarMasks, unpack_bitmask
+from longhaul.learner.metrics import GRAMMAR_REFUSED
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,6 +45,8 @@ class MicroBatch:
     """[rows] float32."""
     sequence_weights: torch.Tensor
     """[rows] float32: the staleness policy's loss weight (1, or the down-weight of an over-stale trajectory)."""
+    constrained: Constraints | None = None
+    """The predicted tokens that a grammar constrained, with what it admitted; None if none was."""
 
     @property
     def tokens(self) -> int:
@@ -44,9 +54,27 @@ class MicroBatch:
         return int(self.attention_mask.sum())
 
 
-def pack_micro_batches(deliveries: list[Delivery], advantages: torch.Tensor,
-                       micro_batch_tokens: int) -> list[MicroBatch]:
-    """Split a step's batch into padded micro-batches of at most `micro_batch_tokens` (padded) tokens each."""
+@dataclass(frozen=True, slots=True)
+class Constraints:
+    """Grammar-constrained predicted tokens of a micro-batch, P of them."""
+
+    rows: torch.Tensor
+    """[P] int64: the row of each."""
+    columns: torch.Tensor
+    """[P] int64: its column in the per-token tensors (token index − 1)."""
+    bitmask: torch.Tensor
+    """[P, ceil(vocab/32)] int32: the tokens its grammar admitted (`grammar_mask.unpack_bitmask`)."""
+
+    def to(self, device: torch.device) -> Constraints:
+        return Constraints(self.rows.to(device), self.columns.to(device), self.bitmask.to(device))
+
+
+def pack_micro_batches(deliveries: list[Delivery], advantages: torch.Tensor, micro_batch_tokens: int,
+                       grammars: GrammarMasks | None = None) -> list[MicroBatch]:
+    """Split a step's batch into padded micro-batches of at most `micro_batch_tokens` (padded) tokens each.
+
+    With `grammars`, the constrained turns of each trajectory get their admitted-token masks; without, every token
+    is scored over the whole vocabulary (what the warm-up's teacher forcing wants)."""
     if len(deliveries) != len(advantages):
         raise ValueError(f"{len(deliveries)} deliveries but {len(advantages)} advantages")
     lengths = [len(d.trajectory.token_ids) for d in deliveries]
@@ -58,10 +86,11 @@ def pack_micro_batches(deliveries: list[Delivery], advantages: torch.Tensor,
             groups[-1].append(index)
         else:
             groups.append([index])
-    return [_pad(deliveries, advantages, rows) for rows in groups]
+    return [_pad(deliveries, advantages, rows, grammars) for rows in groups]
 
 
-def _pad(deliveries: list[Delivery], advantages: torch.Tensor, rows: list[int]) -> MicroBatch:
+def _pad(deliveries: list[Delivery], advantages: torch.Tensor, rows: list[int],
+         grammars: GrammarMasks | None) -> MicroBatch:
     length = max(len(deliveries[i].trajectory.token_ids) for i in rows)
     input_ids = torch.zeros(len(rows), length, dtype=torch.int64)
     attention_mask = torch.zeros(len(rows), length, dtype=torch.int64)
@@ -74,24 +103,62 @@ def _pad(deliveries: list[Delivery], advantages: torch.Tensor, rows: list[int]) 
         attention_mask[row, :n] = 1
         loss_mask[row, :n - 1] = torch.from_numpy(trajectory.loss_mask[1:].astype("float32"))
         behavior_logp[row, :n - 1] = torch.from_numpy(trajectory.behavior_logprobs[1:].astype("float32"))
+    sequence_weights = torch.tensor([deliveries[i].weight for i in rows], dtype=torch.float32)
+    constrained = _constraints(deliveries, rows, grammars, sequence_weights) if grammars else None
     return MicroBatch(
         indices=rows, input_ids=input_ids, attention_mask=attention_mask, loss_mask=loss_mask,
         behavior_logp=behavior_logp, advantages=advantages[rows].to(torch.float32),
-        sequence_weights=torch.tensor([deliveries[i].weight for i in rows], dtype=torch.float32),
+        sequence_weights=sequence_weights, constrained=constrained,
     )
 
 
-def token_logprobs(logits: torch.Tensor, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _constraints(deliveries: list[Delivery], rows: list[int], grammars: GrammarMasks,
+                 sequence_weights: torch.Tensor) -> Constraints | None:
+    row_ids, columns, bitmasks = [], [], []
+    for row, index in enumerate(rows):
+        trajectory = deliveries[index].trajectory
+        if not trajectory.turn_grammars:
+            continue
+        try:
+            positions, bitmask = grammars.admitted(trajectory)
+        except ValueError as error:
+            # Its behaviour logprobs are of no distribution this learner can reconstruct: it trains with weight 0
+            # (acknowledged with its batch, so the buffer's books stay whole) and the log says why.
+            logger.warning("trajectory %s trains with weight 0: %s", trajectory.trajectory_id, error)
+            GRAMMAR_REFUSED.inc()
+            sequence_weights[row] = 0.0
+            continue
+        row_ids.append(torch.full((len(positions),), row, dtype=torch.int64))
+        columns.append(torch.from_numpy(positions - 1))  # position 0 is prompt: never generated
+        bitmasks.append(bitmask)
+    if not row_ids or not sum(len(r) for r in row_ids):
+        return None
+    return Constraints(torch.cat(row_ids), torch.cat(columns), torch.cat(bitmasks))
+
+
+def token_logprobs(logits: torch.Tensor, input_ids: torch.Tensor,
+                   constrained: Constraints | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """log π of each next token, and the entropy of each next-token distribution (no gradient).
 
     `logits` is the model output [rows, length, vocab]; both results are [rows, length − 1]. The log-softmax is
     taken one row at a time so that only one row's [length, vocab] float32 copy exists at once on top of the
-    logits themselves, and the entropy reuses it instead of a second pass over the vocabulary."""
+    logits themselves, and the entropy reuses it instead of a second pass over the vocabulary. At `constrained`
+    positions both are of the distribution renormalised over the admitted tokens, the one the engine sampled."""
     logp_rows, entropy_rows = [], []
     targets = input_ids[:, 1:]
     for row in range(logits.shape[0]):
         row_logp = torch.log_softmax(logits[row, :-1].float(), dim=-1)
-        logp_rows.append(row_logp.gather(-1, targets[row].unsqueeze(-1)).squeeze(-1))
+        token_logp = row_logp.gather(-1, targets[row].unsqueeze(-1)).squeeze(-1)
         with torch.no_grad():
-            entropy_rows.append(-(row_logp.exp() * row_logp).sum(-1))
+            entropy = -(row_logp.exp() * row_logp).sum(-1)
+        if constrained is not None and bool((selected := constrained.rows == row).any()):
+            columns = constrained.columns[selected]
+            admitted = unpack_bitmask(constrained.bitmask[selected], logits.shape[-1])
+            masked = torch.log_softmax(logits[row, columns].float().masked_fill(~admitted, -torch.inf), dim=-1)
+            token_logp = token_logp.index_put((columns,), masked.gather(-1, targets[row, columns, None]).squeeze(-1))
+            with torch.no_grad():
+                p_logp = torch.where(admitted, masked.exp() * masked, torch.zeros((), device=masked.device))
+                entropy = entropy.index_put((columns,), -p_logp.sum(-1))
+        logp_rows.append(token_logp)
+        entropy_rows.append(entropy)
     return torch.stack(logp_rows), torch.stack(entropy_rows)

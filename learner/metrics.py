@@ -22,6 +22,8 @@ CLIPPED_FRACTION = Gauge("longhaul_learner_clipped_fraction", "Share of trained 
 MASKED_FRACTION = Gauge("longhaul_learner_masked_fraction", "Share of trained tokens the loss masked out")
 PARTIAL_GROUPS = Counter("longhaul_learner_partial_groups",
                          "Groups trained with fewer than group_size members (a member never arrived)")
+GRAMMAR_REFUSED = Counter("longhaul_learner_grammar_refused",
+                          "Trajectories trained with weight 0: a generated token their turn's grammar does not admit")
 CHECKPOINT_SECONDS = Histogram("longhaul_learner_checkpoint_seconds", "Time to write a checkpoint",
                                buckets=(0.1, 0.5, 1, 5, 10, 30, 120, 600))
 WEIGHT_SYNC_SECONDS = Histogram("longhaul_weight_sync_seconds", "Time of one weight broadcast to the actors",

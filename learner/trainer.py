@@ -42,6 +42,7 @@ from longhaul.learner import distributed, metrics
 from longhaul.learner.advantages import group_advantages
 from longhaul.learner.batch import MicroBatch, pack_micro_batches, token_logprobs
 from longhaul.learner.checkpoint import latest_checkpoint, load_trainer_state, save_checkpoint
+from longhaul.learner.grammar_mask import GrammarMasks
 from longhaul.learner.losses import LossOutput, compute_loss, importance_stats
 from longhaul.learner.sampler import Sampler, make_sampler
 
@@ -68,8 +69,9 @@ def _to_device(mb: MicroBatch, device: torch.device) -> MicroBatch:
     """The micro-batch's tensors on the learner's device (the same object on the CPU)."""
     if device.type == "cpu":
         return mb
-    return dataclasses.replace(mb, **{f.name: getattr(mb, f.name).to(device, non_blocking=True)
-                                      for f in dataclasses.fields(mb) if isinstance(getattr(mb, f.name), torch.Tensor)})
+    moved = {f.name: getattr(mb, f.name).to(device, non_blocking=True)
+             for f in dataclasses.fields(mb) if isinstance(getattr(mb, f.name), torch.Tensor)}
+    return dataclasses.replace(mb, **moved, constrained=mb.constrained and mb.constrained.to(device))
 
 
 def lr_factor(step: int, warmup_steps: int, total_steps: int, schedule: str) -> float:
@@ -101,6 +103,7 @@ class Learner:
         self.model = AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=getattr(torch, settings.dtype))
         self.model.to(self.device)
         self.model.train()
+        self.grammars = GrammarMasks.for_model(self.model_dir, self.model.config.vocab_size)
         if self.world_size > 1:
             self.model = distributed.shard(self.model)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=settings.learning_rate, betas=settings.betas,
@@ -183,7 +186,7 @@ class Learner:
         settings = self.config.learner
         rewards = torch.tensor([d.trajectory.reward for d in batch], dtype=torch.float32)
         advantages = group_advantages(rewards, [d.trajectory.group_id for d in batch], settings.advantage)
-        micro_batches = pack_micro_batches(batch, advantages, settings.micro_batch_tokens)
+        micro_batches = pack_micro_batches(batch, advantages, settings.micro_batch_tokens, self.grammars)
         valid_tokens = sum(float(mb.loss_mask.sum()) for mb in micro_batches)
         loss_total, entropy_total, parts = 0.0, 0.0, []
         # Rank r trains micro-batches r, r + N, ...; every rank runs the same number of passes (FSDP's collectives
@@ -194,7 +197,7 @@ class Learner:
             # × N: FSDP averages the ranks' gradients, this loss needs their sum (learner/distributed.py).
             scale = float(self.world_size) if index < len(micro_batches) else 0.0
             logits = self.model(input_ids=mb.input_ids, attention_mask=mb.attention_mask).logits
-            logp, entropy = token_logprobs(logits, mb.input_ids)
+            logp, entropy = token_logprobs(logits, mb.input_ids, mb.constrained)
             output = compute_loss(settings.loss, logp, mb.behavior_logp, mb.advantages, mb.loss_mask,
                                   params=settings.loss_params, proximal_logp=logp.detach())
             loss = scale * (output.token_loss * mb.sequence_weights[:, None]).sum() / max(valid_tokens, 1.0)

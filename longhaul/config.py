@@ -169,6 +169,9 @@ class CodecConfig(_Section):
     max_string_bytes: int = Field(default=4096, ge=16)
     """Longest id, env name or reward-part name."""
 
+    max_grammar_bytes: int = Field(default=1024 * 1024, ge=16)
+    """Longest JSON schema of one constrained turn (`Trajectory.turn_grammars`)."""
+
 
 class RateLimiterConfig(_Section):
     """Samples-per-insert limiter with Reverb's semantics, shared by every actor and the learner through Redis.

@@ -20,7 +20,8 @@ import numpy as np
 
 from longhaul.config import CodecConfig
 
-SCHEMA_VERSION: Final = 1
+# 2: `turn_grammars` (the learner scores constrained turns under the grammar that constrained them).
+SCHEMA_VERSION: Final = 2
 
 FINISH_REASONS: Final = frozenset({"answer", "max_turns", "max_tokens", "tool_error", "aborted"})
 
@@ -61,6 +62,11 @@ class Trajectory:
       log-probability (≤ 0) and the version is the policy version (≥ 0) that sampled the token.
     - `turn_offsets` has `num_turns + 1` non-decreasing entries; entry 0 is the end of the initial prompt, the last is
       T, and turn k (one model generation and the observation that answers it) is `[offsets[k], offsets[k+1])`.
+    - `turn_grammars` is empty (no turn was constrained) or has `num_turns` entries: the JSON schema the engine's
+      structured outputs held turn k's generation to, "" for a free turn. Under a grammar the engine samples from
+      the model's distribution renormalised over the tokens the grammar admits, and that is the distribution
+      `behavior_logprobs` come from; the learner scores those tokens under the same grammar
+      (`learner/grammar_mask.py`), or every importance ratio would compare two different distributions.
     """
 
     trajectory_id: str
@@ -79,6 +85,7 @@ class Trajectory:
     finish_reason: str
     reward_parts: dict[str, float] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
+    turn_grammars: list[str] = field(default_factory=list)
     schema_version: int = SCHEMA_VERSION
 
     @property
@@ -134,6 +141,7 @@ class Trajectory:
             raise TrajectoryError("finish_reason", f"{self.finish_reason!r} is not one of {sorted(FINISH_REASONS)}")
         for name in _FLOAT_MAP_FIELDS:
             _check_float_map(name, getattr(self, name), limits)
+        _check_grammars(self.turn_grammars, self.num_turns, limits)
 
 
     def _token_arrays_valid(self) -> bool:
@@ -191,6 +199,24 @@ def _check_float_map(name: str, value: Any, limits: CodecConfig) -> None:
         _check_string(f"{name}[{key!r:.40}]", key, limits)
         if type(x) is not float or not math.isfinite(x):
             raise TrajectoryError(f"{name}[{key!r:.40}]", f"must be a finite float, got {x!r:.40}")
+
+
+def _check_grammars(grammars: Any, num_turns: int, limits: CodecConfig) -> None:
+    if type(grammars) is not list:
+        raise TrajectoryError("turn_grammars", f"must be a list of strings, got {type(grammars).__name__}")
+    if grammars and len(grammars) != num_turns:
+        raise TrajectoryError("turn_grammars", f"{len(grammars)} entries for num_turns={num_turns} (want 0 or "
+                                               f"{num_turns})")
+    for k, grammar in enumerate(grammars):
+        if type(grammar) is not str:
+            raise TrajectoryError(f"turn_grammars[{k}]", f"must be a string, got {type(grammar).__name__}")
+        try:
+            size = len(grammar.encode())
+        except UnicodeEncodeError:
+            raise TrajectoryError(f"turn_grammars[{k}]", "not encodable as UTF-8") from None
+        if size > limits.max_grammar_bytes:
+            raise TrajectoryError(f"turn_grammars[{k}]", f"{size} bytes exceeds max_grammar_bytes="
+                                                         f"{limits.max_grammar_bytes}")
 
 
 # Dataclass order, so one trajectory always encodes to the same bytes, in every process.
@@ -273,6 +299,7 @@ class _WireTrajectory(msgspec.Struct, forbid_unknown_fields=True):
     finish_reason: str
     reward_parts: dict[str, float]
     timings: dict[str, float]
+    turn_grammars: list[str]
     schema_version: int
 
 

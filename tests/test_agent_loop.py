@@ -23,6 +23,7 @@ def model_dir(tiny_model_dir):
 
 
 def test_a_constrained_episode_of_45_tool_calls_has_exact_masks_versions_logprobs_and_turns(model_dir):
+    """...and its behaviour logprobs are the learner's under each turn's grammar, not over the whole vocabulary."""
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -72,6 +73,28 @@ def test_a_constrained_episode_of_45_tool_calls_has_exact_masks_versions_logprob
     assert set(trajectory.versions[generated].tolist()) == {5}
     assert np.all(trajectory.versions[~generated] == -1) and np.all(trajectory.behavior_logprobs[~generated] == 0)
     assert np.all(trajectory.behavior_logprobs[generated] <= 1e-3)
+    assert len(trajectory.turn_grammars) == 45 and all(trajectory.turn_grammars)
+
+    # The engine sampled from logits masked to what each turn's grammar admits; the learner, replaying the grammars,
+    # scores every generated token the same. Over the whole vocabulary the random model's logprobs are far lower.
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from longhaul.buffer.store import Delivery
+    from longhaul.learner.batch import pack_micro_batches, token_logprobs
+    from longhaul.learner.grammar_mask import GrammarMasks
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    [mb] = pack_micro_batches([Delivery(b"1-0", trajectory, "new", 0, 1.0)], torch.zeros(1), 1 << 20,
+                              GrammarMasks.for_model(model_dir, model.config.vocab_size))
+    with torch.no_grad():
+        logits = model(input_ids=mb.input_ids).logits
+        constrained, _ = token_logprobs(logits, mb.input_ids, mb.constrained)
+        unconstrained, _ = token_logprobs(logits, mb.input_ids)
+    on = mb.loss_mask[0] > 0
+    assert len(mb.constrained.rows) == int(on.sum())  # every generated token was under a grammar
+    assert (constrained[0][on] - mb.behavior_logp[0][on]).abs().max() < 0.05
+    assert (mb.behavior_logp[0][on] - unconstrained[0][on]).mean() > 1.0
 
 
 def test_model_defects_and_tool_failures_become_observations_and_only_a_dead_tool_service_ends_an_episode(model_dir):

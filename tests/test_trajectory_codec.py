@@ -231,6 +231,12 @@ ENCODE_VIOLATIONS = [
     pytest.param(replaced(num_tool_calls=True), "num_tool_calls", id="bool num_tool_calls"),
     pytest.param(replaced(num_tool_calls=-1), "num_tool_calls", id="negative num_tool_calls"),
     pytest.param(replaced(num_tool_calls=2**31), "num_tool_calls", id="num_tool_calls past int32"),
+    # turn grammars: none, or one per turn
+    pytest.param(replaced(turn_grammars=["{}"] * 3), "turn_grammars", id="turn_grammars one short of num_turns"),
+    pytest.param(replaced(turn_grammars=("{}",) * 4), "turn_grammars", id="turn_grammars a tuple"),
+    pytest.param(replaced(turn_grammars=["{}", "", None, ""]), "turn_grammars[2]", id="a None turn grammar"),
+    pytest.param(replaced(turn_grammars=["x" * (1024 * 1024 + 1), "", "", ""]), "turn_grammars[0]",
+                 id="a turn grammar over max_grammar_bytes"),
     # turn offsets
     pytest.param(replaced(num_turns=5), "turn_offsets", id="num_turns one more than the offsets describe"),
     pytest.param(lambda t: dataclasses.replace(t, turn_offsets=t.turn_offsets[1:].copy()), "turn_offsets",
@@ -258,7 +264,8 @@ ENCODE_VIOLATIONS = [
     pytest.param(replaced(reward_parts=[("f1", 1.0)]), "reward_parts", id="reward_parts list of pairs"),
     pytest.param(replaced(timings={f"t{i}": 1.0 for i in range(257)}), "timings", id="257 timings"),
     # version
-    pytest.param(replaced(schema_version=2), "schema_version", id="schema_version 2"),
+    pytest.param(replaced(schema_version=SCHEMA_VERSION + 1), "schema_version", id="a newer schema_version"),
+    pytest.param(replaced(schema_version=1), "schema_version", id="schema_version 1 (before turn_grammars)"),
     pytest.param(replaced(schema_version=0), "schema_version", id="schema_version 0"),
     pytest.param(replaced(schema_version="1"), "schema_version", id="str schema_version"),
     # True == 1 in Python, but the wire (and the IDL's uint32) would then carry a boolean, not the version.
@@ -561,6 +568,10 @@ def blamed_field(name: str, value: Any) -> str | None:
         return None if value[1] == T else "loss_mask"  # any uint32 is a token id
     if name in ARRAY_DTYPES:
         return None if value == RECORD[name] else name
+    if name == "turn_grammars":
+        if type(value) is not list or not all(type(g) is str for g in value):
+            return name
+        return None if len(value) in (0, RECORD["num_turns"]) else name
     if name in MAP_FIELDS:
         if type(value) is not dict or not all(type(k) is str and _is_float_like(x) for k, x in value.items()):
             return name
@@ -649,7 +660,8 @@ def test_idl_repeated_scalars_are_the_wire_arrays_with_matching_element_types(tr
     repeated = {f.name: f for f in descriptor.fields if f.is_repeated and f.message_type is None}
     maps = {f.name for f in descriptor.fields if f.message_type is not None and f.message_type.GetOptions().map_entry}
 
-    assert set(repeated) == set(ARRAY_DTYPES)
+    assert set(repeated) == set(ARRAY_DTYPES) | {"turn_grammars"}
+    assert repeated["turn_grammars"].type == FieldDescriptor.TYPE_STRING
     assert maps == set(MAP_FIELDS)
     for name, dtype in ARRAY_DTYPES.items():
         kind, itemsize = PROTO_SCALARS[repeated[name].type]

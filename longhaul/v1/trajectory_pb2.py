@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1clonghaul/v1/trajectory.proto\x12\x0blonghaul.v1\"\x93\x04\n\nTrajectory\x12\x16\n\x0eschema_version\x18\x01 \x01(\r\x12\x15\n\rtrajectory_id\x18\x02 \x01(\t\x12\x0f\n\x07task_id\x18\x03 \x01(\t\x12\x10\n\x08group_id\x18\x04 \x01(\t\x12\x10\n\x08\x61\x63tor_id\x18\x05 \x01(\t\x12\x0b\n\x03\x65nv\x18\x06 \x01(\t\x12\x11\n\ttoken_ids\x18\x07 \x03(\r\x12\x11\n\tloss_mask\x18\x08 \x03(\r\x12\x19\n\x11\x62\x65havior_logprobs\x18\t \x03(\x02\x12\x10\n\x08versions\x18\n \x03(\x05\x12\x14\n\x0cturn_offsets\x18\x0b \x03(\r\x12\x0e\n\x06reward\x18\x0c \x01(\x01\x12>\n\x0creward_parts\x18\r \x03(\x0b\x32(.longhaul.v1.Trajectory.RewardPartsEntry\x12\x11\n\tnum_turns\x18\x0e \x01(\r\x12\x16\n\x0enum_tool_calls\x18\x0f \x01(\r\x12\x15\n\rfinish_reason\x18\x10 \x01(\t\x12\x35\n\x07timings\x18\x11 \x03(\x0b\x32$.longhaul.v1.Trajectory.TimingsEntry\x1a\x32\n\x10RewardPartsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x1a.\n\x0cTimingsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1clonghaul/v1/trajectory.proto\x12\x0blonghaul.v1\"\xaa\x04\n\nTrajectory\x12\x16\n\x0eschema_version\x18\x01 \x01(\r\x12\x15\n\rtrajectory_id\x18\x02 \x01(\t\x12\x0f\n\x07task_id\x18\x03 \x01(\t\x12\x10\n\x08group_id\x18\x04 \x01(\t\x12\x10\n\x08\x61\x63tor_id\x18\x05 \x01(\t\x12\x0b\n\x03\x65nv\x18\x06 \x01(\t\x12\x11\n\ttoken_ids\x18\x07 \x03(\r\x12\x11\n\tloss_mask\x18\x08 \x03(\r\x12\x19\n\x11\x62\x65havior_logprobs\x18\t \x03(\x02\x12\x10\n\x08versions\x18\n \x03(\x05\x12\x14\n\x0cturn_offsets\x18\x0b \x03(\r\x12\x0e\n\x06reward\x18\x0c \x01(\x01\x12>\n\x0creward_parts\x18\r \x03(\x0b\x32(.longhaul.v1.Trajectory.RewardPartsEntry\x12\x11\n\tnum_turns\x18\x0e \x01(\r\x12\x16\n\x0enum_tool_calls\x18\x0f \x01(\r\x12\x15\n\rfinish_reason\x18\x10 \x01(\t\x12\x35\n\x07timings\x18\x11 \x03(\x0b\x32$.longhaul.v1.Trajectory.TimingsEntry\x12\x15\n\rturn_grammars\x18\x12 \x03(\t\x1a\x32\n\x10RewardPartsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x1a.\n\x0cTimingsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,9 +36,9 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TRAJECTORY_TIMINGSENTRY']._loaded_options = None
   _globals['_TRAJECTORY_TIMINGSENTRY']._serialized_options = b'8\001'
   _globals['_TRAJECTORY']._serialized_start=46
-  _globals['_TRAJECTORY']._serialized_end=577
-  _globals['_TRAJECTORY_REWARDPARTSENTRY']._serialized_start=479
-  _globals['_TRAJECTORY_REWARDPARTSENTRY']._serialized_end=529
-  _globals['_TRAJECTORY_TIMINGSENTRY']._serialized_start=531
-  _globals['_TRAJECTORY_TIMINGSENTRY']._serialized_end=577
+  _globals['_TRAJECTORY']._serialized_end=600
+  _globals['_TRAJECTORY_REWARDPARTSENTRY']._serialized_start=502
+  _globals['_TRAJECTORY_REWARDPARTSENTRY']._serialized_end=552
+  _globals['_TRAJECTORY_TIMINGSENTRY']._serialized_start=554
+  _globals['_TRAJECTORY_TIMINGSENTRY']._serialized_end=600
 # @@protoc_insertion_point(module_scope)

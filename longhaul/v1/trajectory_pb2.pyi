@@ -7,7 +7,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class Trajectory(_message.Message):
-    __slots__ = ("schema_version", "trajectory_id", "task_id", "group_id", "actor_id", "env", "token_ids", "loss_mask", "behavior_logprobs", "versions", "turn_offsets", "reward", "reward_parts", "num_turns", "num_tool_calls", "finish_reason", "timings")
+    __slots__ = ("schema_version", "trajectory_id", "task_id", "group_id", "actor_id", "env", "token_ids", "loss_mask", "behavior_logprobs", "versions", "turn_offsets", "reward", "reward_parts", "num_turns", "num_tool_calls", "finish_reason", "timings", "turn_grammars")
     class RewardPartsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -39,6 +39,7 @@ class Trajectory(_message.Message):
     NUM_TOOL_CALLS_FIELD_NUMBER: _ClassVar[int]
     FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
     TIMINGS_FIELD_NUMBER: _ClassVar[int]
+    TURN_GRAMMARS_FIELD_NUMBER: _ClassVar[int]
     schema_version: int
     trajectory_id: str
     task_id: str
@@ -56,4 +57,5 @@ class Trajectory(_message.Message):
     num_tool_calls: int
     finish_reason: str
     timings: _containers.ScalarMap[str, float]
-    def __init__(self, schema_version: _Optional[int] = ..., trajectory_id: _Optional[str] = ..., task_id: _Optional[str] = ..., group_id: _Optional[str] = ..., actor_id: _Optional[str] = ..., env: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., loss_mask: _Optional[_Iterable[int]] = ..., behavior_logprobs: _Optional[_Iterable[float]] = ..., versions: _Optional[_Iterable[int]] = ..., turn_offsets: _Optional[_Iterable[int]] = ..., reward: _Optional[float] = ..., reward_parts: _Optional[_Mapping[str, float]] = ..., num_turns: _Optional[int] = ..., num_tool_calls: _Optional[int] = ..., finish_reason: _Optional[str] = ..., timings: _Optional[_Mapping[str, float]] = ...) -> None: ...
+    turn_grammars: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, schema_version: _Optional[int] = ..., trajectory_id: _Optional[str] = ..., task_id: _Optional[str] = ..., group_id: _Optional[str] = ..., actor_id: _Optional[str] = ..., env: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., loss_mask: _Optional[_Iterable[int]] = ..., behavior_logprobs: _Optional[_Iterable[float]] = ..., versions: _Optional[_Iterable[int]] = ..., turn_offsets: _Optional[_Iterable[int]] = ..., reward: _Optional[float] = ..., reward_parts: _Optional[_Mapping[str, float]] = ..., num_turns: _Optional[int] = ..., num_tool_calls: _Optional[int] = ..., finish_reason: _Optional[str] = ..., timings: _Optional[_Mapping[str, float]] = ..., turn_grammars: _Optional[_Iterable[str]] = ...) -> None: ...

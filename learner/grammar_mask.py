@@ -1,0 +1,106 @@
+"""The tokens a constrained turn's grammar admitted, position by position, so the learner scores what was sampled.
+
+Under structured outputs vLLM masks the logits to the tokens the turn's grammar admits before it samples, and the
+behaviour logprobs it reports come from those masked logits: log μ(a) = z_a − logsumexp over the admitted set. A
+learner that scores the same token with a log-softmax over the whole vocabulary computes a different quantity, lower
+by the log of the mass its policy puts on admitted tokens, on every constrained token; summed over an episode the
+importance ratio collapses (measured on the warmed-up tiny model: log π − log μ of −50 to −130 per episode at
+staleness 0). So the learner replays each constrained turn through the same grammar compiler vLLM uses (xgrammar,
+compact JSON, the request's stop tokens), and renormalises its own logits over the same admitted sets.
+"""
+
+from __future__ import annotations
+
+import json
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from longhaul.trajectory import Trajectory
+
+# What `actors/agent_loop.py` passes as the turn's `stop_token_ids`; vLLM adds the model's EOS ids to them, and the
+# grammar admits all of them once the JSON is complete.
+TURN_STOP_TOKENS = ("<|im_end|>", "</tool_call>")
+
+
+class GrammarMasks:
+    """Admitted-token bitmasks of the constrained turns of trajectories, for one model's tokenizer."""
+
+    def __init__(self, tokenizer, vocab_size: int, stop_token_ids: list[int]):
+        import xgrammar
+
+        self._xgr = xgrammar
+        self.vocab_size = vocab_size
+        self.stop_token_ids = sorted(set(stop_token_ids))
+        info = xgrammar.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size)
+        compiler = xgrammar.GrammarCompiler(info, cache_enabled=True)
+        # A step's turns repeat few schemas (the plain tool-call one) among many one-off argument-choice ones.
+        self._compile = lru_cache(maxsize=4096)(
+            lambda schema: compiler.compile_json_schema(schema, any_whitespace=False, separators=(",", ":")))
+
+    @classmethod
+    def for_model(cls, model_dir: str | Path, vocab_size: int) -> GrammarMasks:
+        """The masks of the model in `model_dir`, with the stop tokens the engine gives a turn: the agent loop's and
+        the tokenizer's and generation config's EOS ids (`SamplingParams.all_stop_token_ids`)."""
+        from transformers import AutoTokenizer, GenerationConfig
+
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        stops = [tokenizer.convert_tokens_to_ids(token) for token in TURN_STOP_TOKENS]
+        stops = [i for i in stops if isinstance(i, int) and i != tokenizer.unk_token_id]
+        if tokenizer.eos_token_id is not None:
+            stops.append(tokenizer.eos_token_id)
+        try:
+            eos = GenerationConfig.from_pretrained(model_dir).eos_token_id
+        except OSError:  # no generation_config.json
+            eos = None
+        stops += [eos] if isinstance(eos, int) else list(eos or [])
+        return cls(tokenizer, vocab_size, stops)
+
+    def admitted(self, trajectory: Trajectory) -> tuple[np.ndarray, torch.Tensor]:
+        """`(positions, bitmask)` over the generated tokens of `trajectory`'s constrained turns: each token's index
+        in `token_ids`, and the int32 bitmask ([P, ceil(vocab/32)], xgrammar's layout: bit j of word w admits
+        token 32·w + j) of what its turn's grammar admitted right before it.
+
+        Raises ValueError naming the turn if a generated token is one the grammar refuses: the trajectory was not
+        generated under that grammar, and scoring it under one would be wrong."""
+        positions: list[int] = []
+        masks: list[torch.Tensor] = []
+        offsets, generated = trajectory.turn_offsets, trajectory.loss_mask
+        for turn, schema in enumerate(trajectory.turn_grammars):
+            if not schema:
+                continue
+            start, end = int(offsets[turn]), int(offsets[turn + 1])
+            turn_positions = start + np.flatnonzero(generated[start:end])
+            if len(turn_positions) == 0:
+                continue
+            matcher = self._xgr.GrammarMatcher(self._compile(schema), override_stop_tokens=self.stop_token_ids)
+            bitmask = self._xgr.allocate_token_bitmask(len(turn_positions), self.vocab_size)
+            for row, position in enumerate(turn_positions.tolist()):
+                if matcher.is_terminated():
+                    # vLLM stops constraining after the stop token: nothing follows it in a turn.
+                    raise ValueError(f"turn {turn}: generated tokens after the grammar's stop token")
+                matcher.fill_next_token_bitmask(bitmask, row)
+                if not matcher.accept_token(int(trajectory.token_ids[position])):
+                    raise ValueError(f"turn {turn}: token {int(trajectory.token_ids[position])} at {position} is "
+                                     f"not admitted by the turn's grammar {_abbreviated(schema)}")
+            positions += turn_positions.tolist()
+            masks.append(bitmask)
+        if not masks:
+            return np.zeros(0, dtype=np.int64), torch.zeros(0, -(-self.vocab_size // 32), dtype=torch.int32)
+        return np.asarray(positions, dtype=np.int64), torch.cat(masks)
+
+
+def unpack_bitmask(bitmask: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """[P, words] int32 bitmask → [P, vocab_size] bool: True where the token is admitted."""
+    bits = torch.arange(32, dtype=torch.int32, device=bitmask.device)
+    return ((bitmask.unsqueeze(-1) >> bits) & 1).bool().flatten(1)[:, :vocab_size]
+
+
+def _abbreviated(schema: str) -> str:
+    try:
+        text = json.dumps(json.loads(schema))
+    except ValueError:
+        text = schema
+    return text if len(text) <= 120 else text[:117] + "..."
