@@ -214,10 +214,18 @@ class Learner:
             loss_total, entropy_total = distributed.all_sum([loss_total, entropy_total])
             parts = [part for rank_parts in (distributed.gather_to_rank0(parts) or []) for part in rank_parts]
         learning_rate = self.scheduler.get_last_lr()[0]
-        if math.isfinite(grad_norm):
-            self.optimizer.step()
-        else:  # one poisoned batch must not poison the weights: skip the update, keep the step and its commit
+        update = "applied"
+        if not math.isfinite(grad_norm):  # a poisoned batch must not poison the weights: keep the step, not the update
+            update = "skipped: non-finite gradient"
             log.warning("step %d: non-finite gradient norm, update skipped", self.step + 1)
+        elif grad_norm == 0.0:
+            # No signal (every group's rewards equal, so every advantage is 0). AdamW would still move each weight
+            # by up to the learning rate along the momentum of earlier batches; with rare rewards that drift
+            # outweighs the signal (measured in the default run: 27 of 30 steps had no gradient, and the policy
+            # still drifted from 6.7 to 2.1 tool calls per held-out episode).
+            update = "skipped: no signal"
+        else:
+            self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
         self.step += 1
@@ -231,7 +239,7 @@ class Learner:
         tokens = sum(mb.tokens for mb in micro_batches)
         record = {
             "step": self.step, "version": self.version, "time": time.time(), "loss": loss_total, "grad_norm": grad_norm,
-            "learning_rate": learning_rate, "reward_mean": float(rewards.mean()),
+            "update": update, "learning_rate": learning_rate, "reward_mean": float(rewards.mean()),
             "success_rate": sum(d.trajectory.reward_parts.get("exact_match", 0.0) for d in batch) / len(batch),
             "tool_calls_mean": sum(d.trajectory.num_tool_calls for d in batch) / len(batch),
             "tool_calls_max": max(d.trajectory.num_tool_calls for d in batch),
