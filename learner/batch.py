@@ -104,7 +104,8 @@ def _pad(deliveries: list[Delivery], advantages: torch.Tensor, rows: list[int],
         loss_mask[row, :n - 1] = torch.from_numpy(trajectory.loss_mask[1:].astype("float32"))
         behavior_logp[row, :n - 1] = torch.from_numpy(trajectory.behavior_logprobs[1:].astype("float32"))
     sequence_weights = torch.tensor([deliveries[i].weight for i in rows], dtype=torch.float32)
-    constrained = _constraints(deliveries, rows, grammars, sequence_weights) if grammars else None
+    constrained, refused = _constraints(deliveries, rows, grammars) if grammars else (None, [])
+    sequence_weights[refused] = 0.0
     return MicroBatch(
         indices=rows, input_ids=input_ids, attention_mask=attention_mask, loss_mask=loss_mask,
         behavior_logp=behavior_logp, advantages=advantages[rows].to(torch.float32),
@@ -112,9 +113,10 @@ def _pad(deliveries: list[Delivery], advantages: torch.Tensor, rows: list[int],
     )
 
 
-def _constraints(deliveries: list[Delivery], rows: list[int], grammars: GrammarMasks,
-                 sequence_weights: torch.Tensor) -> Constraints | None:
-    row_ids, columns, bitmasks = [], [], []
+def _constraints(deliveries: list[Delivery], rows: list[int],
+                 grammars: GrammarMasks) -> tuple[Constraints | None, list[int]]:
+    """The micro-batch's constrained tokens, and the rows whose tokens their grammars refuse."""
+    row_ids, columns, bitmasks, refused = [], [], [], []
     for row, index in enumerate(rows):
         trajectory = deliveries[index].trajectory
         if not trajectory.turn_grammars:
@@ -126,14 +128,14 @@ def _constraints(deliveries: list[Delivery], rows: list[int], grammars: GrammarM
             # (acknowledged with its batch, so the buffer's books stay whole) and the log says why.
             logger.warning("trajectory %s trains with weight 0: %s", trajectory.trajectory_id, error)
             GRAMMAR_REFUSED.inc()
-            sequence_weights[row] = 0.0
+            refused.append(row)
             continue
         row_ids.append(torch.full((len(positions),), row, dtype=torch.int64))
         columns.append(torch.from_numpy(positions - 1))  # position 0 is prompt: never generated
         bitmasks.append(bitmask)
-    if not row_ids or not sum(len(r) for r in row_ids):
-        return None
-    return Constraints(torch.cat(row_ids), torch.cat(columns), torch.cat(bitmasks))
+    if not sum(len(r) for r in row_ids):
+        return None, refused
+    return Constraints(torch.cat(row_ids), torch.cat(columns), torch.cat(bitmasks)), refused
 
 
 def token_logprobs(logits: torch.Tensor, input_ids: torch.Tensor,
