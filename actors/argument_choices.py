@@ -3,7 +3,8 @@ the episode has shown so far, offered to the engine as the JSON schema of the ne
 
 A small model learns quickly *which* thing to do next (search, open, answer) and *which* of a few candidates is
 right, but learning to copy arbitrary spans of its context token by token takes it far longer than a CPU run lasts
-(measured: a 2-layer model imitating the expert for five minutes still wrote memorised names, docs/benchmarks.md).
+(measured: a 2-layer model imitating the expert for five minutes still wrote memorised names, docs/benchmarks.md,
+"Learning").
 Offering the spans as choices turns copying into pointing, like the valid-action lists of text-game agents; the
 decision, and the reward for it, stay the policy's. The choices:
 

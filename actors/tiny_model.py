@@ -6,8 +6,9 @@ needs a real Hugging Face model directory to load. This module makes one:
 - a byte-level BPE tokenizer trained with `tokenizers` on the corpus texts, with Qwen's chat tokens `<|endoftext|>`,
   `<|im_start|>`, `<|im_end|>` and the Hermes tool tokens `<tool_call>`, `</tool_call>`, `<tool_response>`,
   `</tool_response>` as single, never-split ids, and the world's document ids (`d0104`) as one id each: an agent
-  opens a page by writing the id a search listed, and copying one id is something a tiny model learns in minutes
-  where copying "d", "0", "1", "0", "4" digit by digit, to tell five hits apart, it did not (docs/benchmarks.md);
+  opens a page by writing the id a search listed, and pointing at one id is a single decision where spelling
+  "d", "0", "1", "0", "4" is five (digit by digit, the tiny model's choice of page stayed at chance; as one id it
+  rises above it, docs/benchmarks.md, "Learning");
 - a Qwen2.5-style chat template (`CHAT_TEMPLATE`) stored in tokenizer_config.json, so that every consumer
   (transformers, vLLM's chat API, our agent loop) renders conversations the same way;
 - a randomly initialised `Qwen2ForCausalLM` (head_dim 64, tied embeddings) saved as bf16 safetensors, with a

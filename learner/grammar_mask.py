@@ -11,18 +11,19 @@ compact JSON, the request's stop tokens), and renormalises its own logits over t
 
 from __future__ import annotations
 
-import json
 from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from longhaul.actors.tiny_model import IM_END
+from longhaul.actors.tool_calls import TOOL_CALL_END
 from longhaul.trajectory import Trajectory
 
 # What `actors/agent_loop.py` passes as the turn's `stop_token_ids`; vLLM adds the model's EOS ids to them, and the
 # grammar admits all of them once the JSON is complete.
-TURN_STOP_TOKENS = ("<|im_end|>", "</tool_call>")
+TURN_STOP_TOKENS = (IM_END, TOOL_CALL_END)
 
 
 class GrammarMasks:
@@ -84,7 +85,7 @@ class GrammarMasks:
                 matcher.fill_next_token_bitmask(bitmask, row)
                 if not matcher.accept_token(int(trajectory.token_ids[position])):
                     raise ValueError(f"turn {turn}: token {int(trajectory.token_ids[position])} at {position} is "
-                                     f"not admitted by the turn's grammar {_abbreviated(schema)}")
+                                     f"not admitted by the turn's grammar {schema:.120}")
             positions += turn_positions.tolist()
             masks.append(bitmask)
         if not masks:
@@ -97,10 +98,3 @@ def unpack_bitmask(bitmask: torch.Tensor, vocab_size: int) -> torch.Tensor:
     bits = torch.arange(32, dtype=torch.int32, device=bitmask.device)
     return ((bitmask.unsqueeze(-1) >> bits) & 1).bool().flatten(1)[:, :vocab_size]
 
-
-def _abbreviated(schema: str) -> str:
-    try:
-        text = json.dumps(json.loads(schema))
-    except ValueError:
-        text = schema
-    return text if len(text) <= 120 else text[:117] + "..."
