@@ -76,21 +76,29 @@ class GrammarMasks:
             turn_positions = start + np.flatnonzero(generated[start:end])
             if len(turn_positions) == 0:
                 continue
-            matcher = self._xgr.GrammarMatcher(self._compile(schema), override_stop_tokens=self.stop_token_ids)
-            bitmask = self._xgr.allocate_token_bitmask(len(turn_positions), self.vocab_size)
-            for row, position in enumerate(turn_positions.tolist()):
-                if matcher.is_terminated():
-                    # vLLM stops constraining after the stop token: nothing follows it in a turn.
-                    raise ValueError(f"turn {turn}: generated tokens after the grammar's stop token")
-                matcher.fill_next_token_bitmask(bitmask, row)
-                if not matcher.accept_token(int(trajectory.token_ids[position])):
-                    raise ValueError(f"turn {turn}: token {int(trajectory.token_ids[position])} at {position} is "
-                                     f"not admitted by the turn's grammar {schema:.120}")
+            try:
+                masks.append(self.bitmask(schema, trajectory.token_ids[turn_positions].tolist()))
+            except ValueError as error:
+                raise ValueError(f"turn {turn}: {error}") from None
             positions += turn_positions.tolist()
-            masks.append(bitmask)
         if not masks:
             return np.zeros(0, dtype=np.int64), torch.zeros(0, -(-self.vocab_size // 32), dtype=torch.int32)
         return np.asarray(positions, dtype=np.int64), torch.cat(masks)
+
+    def bitmask(self, schema: str, tokens: list[int]) -> torch.Tensor:
+        """The int32 bitmask [len(tokens), ceil(vocab/32)] of what `schema` admitted before each of `tokens`, written
+        in order from the start of a turn. Raises ValueError if it refuses one of them."""
+        matcher = self._xgr.GrammarMatcher(self._compile(schema), override_stop_tokens=self.stop_token_ids)
+        bitmask = self._xgr.allocate_token_bitmask(len(tokens), self.vocab_size)
+        for row, token in enumerate(tokens):
+            if matcher.is_terminated():
+                # vLLM stops constraining after the stop token: nothing follows it in a turn.
+                raise ValueError("generated tokens after the grammar's stop token")
+            matcher.fill_next_token_bitmask(bitmask, row)
+            if not matcher.accept_token(token):
+                raise ValueError(f"token {token}, the turn's generated token {row}, is not admitted by its grammar "
+                                 f"{schema:.120}")
+        return bitmask
 
 
 def unpack_bitmask(bitmask: torch.Tensor, vocab_size: int) -> torch.Tensor:

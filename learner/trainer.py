@@ -40,7 +40,7 @@ from longhaul.buffer.store import Consumed, Delivery, TrajectoryStore
 from longhaul.config import LonghaulConfig
 from longhaul.learner import distributed, metrics
 from longhaul.learner.advantages import group_advantages
-from longhaul.learner.batch import MicroBatch, pack_micro_batches, token_logprobs
+from longhaul.learner.batch import MicroBatch, pack_micro_batches, policy_logprobs
 from longhaul.learner.checkpoint import latest_checkpoint, load_trainer_state, save_checkpoint
 from longhaul.learner.grammar_mask import GrammarMasks
 from longhaul.learner.losses import LossOutput, compute_loss, importance_stats
@@ -196,8 +196,7 @@ class Learner:
             mb = _to_device(micro_batches[index] if index < len(micro_batches) else micro_batches[0], self.device)
             # × N: FSDP averages the ranks' gradients, this loss needs their sum (learner/distributed.py).
             scale = float(self.world_size) if index < len(micro_batches) else 0.0
-            logits = self.model(input_ids=mb.input_ids, attention_mask=mb.attention_mask).logits
-            logp, entropy = token_logprobs(logits, mb.input_ids, mb.constrained)
+            logp, entropy = policy_logprobs(self.model, mb)
             output = compute_loss(settings.loss, logp, mb.behavior_logp, mb.advantages, mb.loss_mask,
                                   params=settings.loss_params, proximal_logp=logp.detach())
             loss = scale * (output.token_loss * mb.sequence_weights[:, None]).sum() / max(valid_tokens, 1.0)

@@ -3,7 +3,7 @@
 A random tiny model earns reward 0 (it cannot write a tool call), and a policy gradient of all-zero rewards is zero.
 Imitating a scripted expert for a few minutes gives RL a policy that sometimes succeeds. The demonstrations are
 ordinary `Trajectory` records (mask 1 on the expert's tokens), so they are packed by the learner's own
-`pack_micro_batches` and scored by its `token_logprobs`: the warm-up trains on exactly the token alignment RL uses.
+`pack_micro_batches` and scored by its `policy_logprobs`: the warm-up trains on exactly the token alignment RL uses.
 
 The loss of a step is −Σ m_t log π_θ(y_t) over the step's demonstrations divided by their masked tokens, so
 micro-batching does not change the update. The driver builds the trajectories (this package never imports
@@ -20,6 +20,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,7 +29,8 @@ from transformers import AutoModelForCausalLM
 
 from longhaul.buffer.store import Delivery
 from longhaul.config import WarmupConfig
-from longhaul.learner.batch import pack_micro_batches, token_logprobs
+from longhaul.learner.batch import MicroBatch, pack_micro_batches, policy_logprobs
+from longhaul.learner.grammar_mask import GrammarMasks
 from longhaul.learner.trainer import lr_factor
 from longhaul.trajectory import Trajectory
 
@@ -70,19 +72,26 @@ def _as_deliveries(batch: list[Trajectory]) -> list[Delivery]:
     return [Delivery(entry_id=b"", trajectory=t, source="fresh", staleness=0, weight=1.0) for t in batch]
 
 
-def sft_loss(model, batch: list[Trajectory], micro_batch_tokens: int, *, backward: bool) -> tuple[float, int]:
-    """Mean cross-entropy per masked token of `batch` under `model`, and the masked token count; with `backward`, the
-    gradient of that mean accumulates in the model."""
-    micro_batches = pack_micro_batches(_as_deliveries(batch), torch.zeros(len(batch)), micro_batch_tokens)
-    valid = sum(float(mb.loss_mask.sum()) for mb in micro_batches)
+def pack_demonstrations(batch: list[Trajectory], micro_batch_tokens: int,
+                        grammars: GrammarMasks | None = None) -> list[MicroBatch]:
+    """A step's demonstrations as micro-batches; with `grammars`, their constrained turns carry what each turn's
+    grammar admitted, so that the loss scores those tokens the way the engine samples them."""
+    return pack_micro_batches(_as_deliveries(batch), torch.zeros(len(batch)), micro_batch_tokens, grammars)
+
+
+def sft_loss(model, micro_batches: list[MicroBatch], *, backward: bool) -> tuple[float, int]:
+    """Mean cross-entropy per masked token of `micro_batches` under `model`, and the masked token count; with
+    `backward`, the gradient of that mean accumulates in the model. A demonstration its grammar refuses (weight 0)
+    counts for nothing."""
+    masks = [mb.loss_mask * mb.sequence_weights[:, None] for mb in micro_batches]
+    valid = sum(float(mask.sum()) for mask in masks)
     if valid == 0:
         raise ValueError("no masked token in the batch: demonstrations must carry loss_mask 1 on the expert's turns")
     total = 0.0
-    for mb in micro_batches:
+    for mb, mask in zip(micro_batches, masks, strict=True):
         with torch.set_grad_enabled(backward):
-            logits = model(input_ids=mb.input_ids, attention_mask=mb.attention_mask).logits
-            logp, _ = token_logprobs(logits, mb.input_ids)
-            loss = -(logp * mb.loss_mask).sum() / valid
+            logp, _ = policy_logprobs(model, mb)
+            loss = -(logp * mask).sum() / valid
         if backward:
             loss.backward()
         total += float(loss.detach())
@@ -109,12 +118,22 @@ def warm_up(base_model_dir: str | Path, out_dir: str | Path, trajectories: list[
     steps_per_epoch = len(_batches(trajectories, config.batch_tokens, random.Random(0)))
     total_steps = min(config.max_steps, config.epochs * steps_per_epoch)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=0.0)
+    grammars = GrammarMasks.for_model(base_model_dir, model.config.vocab_size) if config.grammar_scored else None
     started = time.monotonic()
     losses: list[float] = []
     tokens_trained = 0
-    done = False
-    for _ in range(config.epochs):
-        for batch in _batches(trajectories, config.batch_tokens, rng):
+    batches = (batch for _ in range(config.epochs) for batch in _batches(trajectories, config.batch_tokens, rng))
+    # The next step's batch is packed while this one trains: replaying its grammars is CPU work (xgrammar compiles
+    # each turn's schema, ~4 ms) that would otherwise add half a step.
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="warmup-pack") as packer:
+        def pack(batch: list[Trajectory]) -> Future[list[MicroBatch]]:
+            return packer.submit(pack_demonstrations, batch, config.micro_batch_tokens, grammars)
+
+        upcoming = pack(next(batches))
+        while len(losses) < total_steps:
+            micro_batches = upcoming.result()
+            if (following := next(batches, None)) is not None:
+                upcoming = pack(following)
             # The cosine runs over the steps or the time budget, whichever is spent faster: a warm-up cut short by
             # its budget still ends at the low rate that consolidates what it learned.
             spent = max(len(losses) / total_steps, (time.monotonic() - started) / config.time_budget_s)
@@ -122,7 +141,7 @@ def warm_up(base_model_dir: str | Path, out_dir: str | Path, trajectories: list[
                                "cosine")
             for group in optimizer.param_groups:
                 group["lr"] = config.learning_rate * factor
-            loss, tokens = sft_loss(model, batch, config.micro_batch_tokens, backward=True)
+            loss, tokens = sft_loss(model, micro_batches, backward=True)
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -131,11 +150,9 @@ def warm_up(base_model_dir: str | Path, out_dir: str | Path, trajectories: list[
             elapsed = time.monotonic() - started
             if on_step is not None:
                 on_step(len(losses), total_steps, loss, elapsed)
-            if len(losses) >= total_steps or elapsed >= config.time_budget_s:
-                done = True
+            if elapsed >= config.time_budget_s or following is None:
                 break
-        if done:
-            break
+        upcoming.cancel()
     seconds = time.monotonic() - started
     _save(model, base_model_dir, out_dir)
     return WarmupResult(out_dir, len(losses), seconds, tokens_trained, losses[0], losses[-1], losses)
@@ -159,10 +176,12 @@ def _save(model, base_model_dir: Path, out_dir: Path) -> None:
         raise
 
 
-def cross_entropy(model_dir: str | Path, trajectories: list[Trajectory], micro_batch_tokens: int = 16384) -> float:
-    """Mean cross-entropy per expert token of `trajectories` under the model in `model_dir` (no update): how well a
-    model imitates demonstrations it was not trained on."""
+def cross_entropy(model_dir: str | Path, trajectories: list[Trajectory], *, grammar_scored: bool = True,
+                  micro_batch_tokens: int = 16384) -> float:
+    """Mean cross-entropy per expert token of `trajectories` under the model in `model_dir` (no update), scored as
+    `WarmupConfig.grammar_scored` trains: how well a model imitates demonstrations it was not trained on."""
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     model.eval()
-    loss, _ = sft_loss(model, trajectories, micro_batch_tokens, backward=False)
+    grammars = GrammarMasks.for_model(model_dir, model.config.vocab_size) if grammar_scored else None
+    loss, _ = sft_loss(model, pack_demonstrations(trajectories, micro_batch_tokens, grammars), backward=False)
     return loss if math.isfinite(loss) else float("inf")

@@ -637,12 +637,17 @@ class WarmupConfig(_Section):
     batch_tokens: int = Field(default=16384, ge=256)
     """Tokens (unpadded) of demonstrations per optimizer step."""
 
+    grammar_scored: bool = True
+    """Score the tokens of constrained turns under their turn's grammar, renormalised over what it admits, as the
+    engine samples them and the RL learner scores them (`learner/grammar_mask.py`). The loss then goes to the
+    decisions alone (which tool, which argument), none to tokens the grammar forces."""
+
     micro_batch_tokens: int = Field(default=4096, ge=64)
     """Padded tokens per forward/backward pass: bounds activation memory, never changes the update. Small on CPU:
     an episode of half this length or more then gets a pass of its own, with no padding, so attention takes the fast
     causal kernel instead of a materialised mask (measured 3× faster at 4k tokens)."""
 
-    time_budget_s: float = Field(default=360.0, gt=0)
+    time_budget_s: float = Field(default=480.0, gt=0)
     """Wall-clock limit of the optimisation; it stops after the step that crosses it and saves the model."""
 
     seed: int = 0

@@ -81,16 +81,17 @@ def test_a_constrained_episode_of_45_tool_calls_has_exact_masks_versions_logprob
     from transformers import AutoModelForCausalLM
 
     from longhaul.buffer.store import Delivery
-    from longhaul.learner.batch import pack_micro_batches, token_logprobs
+    from longhaul.learner.batch import pack_micro_batches, policy_logprobs
     from longhaul.learner.grammar_mask import GrammarMasks
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    [mb] = pack_micro_batches([Delivery(b"1-0", trajectory, "new", 0, 1.0)], torch.zeros(1), 1 << 20,
+    delivery = Delivery(b"1-0", trajectory, "new", 0, 1.0)
+    [mb] = pack_micro_batches([delivery], torch.zeros(1), 1 << 20,
                               GrammarMasks.for_model(model_dir, model.config.vocab_size))
+    [free] = pack_micro_batches([delivery], torch.zeros(1), 1 << 20)
     with torch.no_grad():
-        logits = model(input_ids=mb.input_ids).logits
-        constrained, _ = token_logprobs(logits, mb.input_ids, mb.constrained)
-        unconstrained, _ = token_logprobs(logits, mb.input_ids)
+        constrained, _ = policy_logprobs(model, mb)
+        unconstrained, _ = policy_logprobs(model, free)
     on = mb.loss_mask[0] > 0
     assert len(mb.constrained.rows) == int(on.sum())  # every generated token was under a grammar
     assert (constrained[0][on] - mb.behavior_logp[0][on]).abs().max() < 0.05

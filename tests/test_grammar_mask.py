@@ -11,7 +11,7 @@ import torch
 
 from longhaul.actors.agent_loop import ChatFormat
 from longhaul.buffer.store import Delivery
-from longhaul.learner.batch import Constraints, pack_micro_batches, token_logprobs
+from longhaul.learner.batch import pack_micro_batches, token_logprobs
 from longhaul.learner.grammar_mask import GrammarMasks, unpack_bitmask
 from longhaul.learner.metrics import GRAMMAR_REFUSED
 from longhaul.trajectory import Trajectory
@@ -105,33 +105,26 @@ def test_a_token_its_grammar_refuses_makes_the_trajectory_train_with_weight_zero
 
 def test_constrained_logprobs_and_entropy_renormalise_over_the_admitted_tokens_and_pass_gradients():
     torch.manual_seed(0)
-    vocab, length = 40, 6
-    logits = torch.randn(2, length, vocab, requires_grad=True)
-    ids = torch.randint(0, vocab, (2, length))
+    vocab = 40
+    logits = torch.randn(6, vocab, requires_grad=True)
+    targets = torch.randint(0, vocab, (6,))
     admitted = torch.zeros(2, vocab, dtype=torch.bool)
-    admitted[0, [3, 7, int(ids[1, 3])]] = True  # row 1, column 2 predicts ids[1, 3]
-    admitted[1, [int(ids[0, 5]), 11]] = True  # row 0, column 4 predicts ids[0, 5]
-    words = torch.zeros(2, 2, dtype=torch.int64)
-    for k, row in enumerate(admitted):
-        for token in torch.nonzero(row).flatten().tolist():
-            words[k, token // 32] |= 1 << (token % 32)
-    bitmask = torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)  # xgrammar's words are int32
-    constraints = Constraints(rows=torch.tensor([1, 0]), columns=torch.tensor([2, 4]), bitmask=bitmask)
+    admitted[0, [3, 7, int(targets[2])]] = True  # position 2
+    admitted[1, [int(targets[4]), 11]] = True  # position 4
+    indices = torch.tensor([2, 4])
 
-    logp, entropy = token_logprobs(logits, ids, constraints)
-    free_logp, free_entropy = token_logprobs(logits, ids)
+    logp, entropy = token_logprobs(logits, targets, (indices, admitted))
+    free_logp, free_entropy = token_logprobs(logits, targets)
 
-    for (row, column), allowed in zip([(1, 2), (0, 4)], admitted, strict=True):
-        z = logits[row, column].detach().masked_fill(~allowed, -torch.inf)
-        reference = torch.log_softmax(z, -1)
-        assert torch.allclose(logp[row, column], reference[ids[row, column + 1]])
+    for position, allowed in zip(indices.tolist(), admitted, strict=True):
+        reference = torch.log_softmax(logits[position].detach().masked_fill(~allowed, -torch.inf), -1)
+        assert torch.allclose(logp[position], reference[targets[position]])
         p = reference.exp()
-        assert torch.allclose(entropy[row, column], -(p[allowed] * reference[allowed]).sum())
-    untouched = torch.ones_like(logp, dtype=torch.bool)
-    untouched[1, 2] = untouched[0, 4] = False
+        assert torch.allclose(entropy[position], -(p[allowed] * reference[allowed]).sum())
+    untouched = torch.tensor([True, True, False, True, False, True])
     assert torch.equal(logp[untouched], free_logp[untouched])
     assert torch.equal(entropy[untouched], free_entropy[untouched])
     logp.sum().backward()
     # A refused token's logit gets no gradient at a constrained position; an admitted one does.
     refused = next(t for t in range(vocab) if not admitted[1, t])
-    assert logits.grad[0, 4, 11] != 0 and logits.grad[0, 4, refused] == 0
+    assert logits.grad[4, 11] != 0 and logits.grad[4, refused] == 0

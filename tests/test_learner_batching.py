@@ -11,7 +11,7 @@ import torch
 
 from longhaul.buffer.store import Delivery
 from longhaul.config import BufferConfig, StalenessConfig
-from longhaul.learner.batch import pack_micro_batches, token_logprobs
+from longhaul.learner.batch import pack_micro_batches, policy_logprobs, token_logprobs
 from longhaul.learner.checkpoint import latest_checkpoint, load_trainer_state, save_checkpoint
 from longhaul.learner.sampler import FifoSampler
 from longhaul.learner.trainer import lr_factor
@@ -57,13 +57,39 @@ def test_padding_is_masked_out_of_the_loss():
 
 def test_token_logprobs_equal_a_log_softmax_gather_and_entropy_is_exact():
     generator = torch.Generator().manual_seed(0)
-    logits = torch.randn(2, 7, 11, generator=generator)
-    ids = torch.randint(0, 11, (2, 7), generator=generator)
-    logp, entropy = token_logprobs(logits, ids)
-    expected = torch.log_softmax(logits[:, :-1], -1).gather(-1, ids[:, 1:, None]).squeeze(-1)
+    logits = torch.randn(9, 11, generator=generator)
+    targets = torch.randint(0, 11, (9,), generator=generator)
+    logp, entropy = token_logprobs(logits, targets)
+    expected = torch.log_softmax(logits, -1).gather(-1, targets[:, None]).squeeze(-1)
     torch.testing.assert_close(logp, expected)
-    probs = torch.softmax(logits[:, :-1], -1)
+    probs = torch.softmax(logits, -1)
     torch.testing.assert_close(entropy, -(probs * probs.log()).sum(-1))
+
+
+def test_policy_logprobs_score_exactly_the_trained_tokens_with_the_gradient_of_a_full_forward_pass():
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(Qwen2Config(vocab_size=64, hidden_size=64, intermediate_size=64, num_hidden_layers=1,
+                                         num_attention_heads=1, num_key_value_heads=1, tie_word_embeddings=True))
+    trajectories = [_trajectory(i, "g", tokens) for i, tokens in enumerate([40, 25])]
+    trajectories = [dataclasses.replace(t, token_ids=t.token_ids % 64) for t in trajectories]  # the model's vocabulary
+    [mb] = pack_micro_batches([_delivery(t) for t in trajectories], torch.zeros(2), micro_batch_tokens=10_000)
+
+    logp, entropy = policy_logprobs(model, mb)
+    (logp * mb.loss_mask).sum().backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    full = torch.log_softmax(model(input_ids=mb.input_ids, attention_mask=mb.attention_mask).logits[:, :-1], -1)
+    expected = full.gather(-1, mb.input_ids[:, 1:, None]).squeeze(-1) * mb.loss_mask
+    expected.sum().backward()
+
+    torch.testing.assert_close(logp, expected)
+    trained = mb.loss_mask > 0
+    torch.testing.assert_close(entropy[trained], -(full.exp() * full).sum(-1).detach()[trained])
+    assert not entropy[~trained].any() and not logp[~trained].any()  # off the mask: 0, never computed
+    for grad, parameter in zip(grads, model.parameters(), strict=True):
+        torch.testing.assert_close(grad, parameter.grad)
 
 
 def test_fifo_sampler_hands_out_whole_groups_in_arrival_order(make_store):

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from longhaul.config import ToolServiceConfig, WarmupConfig
-from longhaul.learner.warmup import cross_entropy, sft_loss, warm_up
+from longhaul.learner.warmup import cross_entropy, pack_demonstrations, sft_loss, warm_up
 from tests.conftest import SMALL_WORLD
 
 
@@ -56,9 +56,40 @@ def test_the_loss_is_the_mean_cross_entropy_of_masked_tokens_whatever_the_micro_
             expected_sum -= float(picked[mask].sum())
             expected_count += int(mask.sum())
     for micro_batch_tokens in (64, 4096, 1 << 20):  # one sequence per pass, a few, all at once
-        loss, count = sft_loss(model, batch, micro_batch_tokens, backward=False)
+        loss, count = sft_loss(model, pack_demonstrations(batch, micro_batch_tokens), backward=False)
         assert count == expected_count == sum(int(d.loss_mask.sum()) for d in batch)
         assert loss == pytest.approx(expected_sum / expected_count, rel=1e-4)
+
+
+def test_grammar_scored_loss_renormalises_each_constrained_token_over_what_its_grammar_admits(tiny_model_dir, demos):
+    from transformers import AutoModelForCausalLM
+
+    from longhaul.learner.grammar_mask import GrammarMasks, unpack_bitmask
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    grammars = GrammarMasks.for_model(tiny_model_dir, model.config.vocab_size)
+    batch = demos[:3]
+    expected_sum, expected_count, forced = 0.0, 0, 0
+    with torch.no_grad():
+        for demo in batch:
+            ids = torch.from_numpy(demo.token_ids.astype("int64"))[None]
+            logits = model(input_ids=ids).logits[0].float()
+            positions, bitmask = grammars.admitted(demo)
+            admitted = dict(zip(positions.tolist(), unpack_bitmask(bitmask, logits.shape[-1]), strict=True))
+            for position in map(int, np.flatnonzero(demo.loss_mask)):
+                scores = logits[position - 1]
+                if position in admitted:
+                    scores = scores.masked_fill(~admitted[position], -torch.inf)
+                    forced += int(admitted[position].sum()) == 1
+                expected_sum -= float(torch.log_softmax(scores, -1)[ids[0, position]])
+                expected_count += 1
+    loss, count = sft_loss(model, pack_demonstrations(batch, 4096, grammars), backward=False)
+    assert count == expected_count
+    assert loss == pytest.approx(expected_sum / expected_count, rel=1e-4)
+    # Every demonstrated call is constrained, and a third of its tokens are the only token the JSON around the
+    # decisions admits: they cost nothing, so the loss is spent on which tool and which argument.
+    assert len(admitted) == int(batch[-1].loss_mask.sum()) and forced > expected_count / 4
+    assert loss < sft_loss(model, pack_demonstrations(batch, 4096), backward=False)[0] / 2
 
 
 def test_warm_up_lowers_the_cross_entropy_of_the_expert_tokens_and_writes_a_model_dir_with_the_base_tokenizer(
