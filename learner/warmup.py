@@ -6,7 +6,9 @@ ordinary `Trajectory` records (mask 1 on the expert's tokens), so they are packe
 `pack_micro_batches` and scored by its `policy_logprobs`: the warm-up trains on exactly the token alignment RL uses.
 
 The loss of a step is −Σ m_t log π_θ(y_t) over the step's demonstrations divided by their masked tokens, so
-micro-batching does not change the update. The driver builds the trajectories (this package never imports
+micro-batching does not change the update. With `WarmupConfig.grammar_scored`, π at a constrained token is
+renormalised over what its turn's grammar admits, as the engine samples it: the forced tokens of a call's JSON then
+cost nothing, and the loss is spent on the decisions. The driver builds the trajectories (this package never imports
 `actors/`) and passes them in; `warm_up` writes a Hugging Face model directory (weights in the base model's dtype,
 plus the base directory's tokenizer and generation files) that engines and the learner load like any other.
 """
