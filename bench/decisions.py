@@ -15,8 +15,11 @@ renormalised over the tokens the grammar admits there, as the engine samples and
   which page, which value).
 
 The baseline is chance, measured on the same turns: 1 / (number of tools offered) and 1 / (number of arguments
-offered). Each figure is printed as accuracy, chance, and their ratio. No engine is involved: transformers scores the
-candidates, so this runs on any machine that holds the model.
+offered). Each figure is printed as accuracy, chance, and their ratio. Beside them, the stop decision by itself:
+after each page, the probability the model gives `answer` where the expert answered and where it read on, and the
+AUC between the two (whether the model tells a page holding the answer from one that does not, however it sets its
+threshold). No engine is involved: transformers scores the candidates, so this runs on any machine that holds the
+model.
 """
 
 from __future__ import annotations
