@@ -125,6 +125,7 @@ async def run_episode(task: TaskInfo, *, engine: InferenceEngine, tools: ToolCli
     tokens.context(chat.prompt_ids(config.system_prompt, task.question))
     choices = ArgumentChoices(task.question) if config.constrained_tool_calls and config.argument_choices else None
     finish, reward_parts, tool_calls = "max_turns", {"exact_match": 0.0, "f1": 0.0}, 0
+    read: list[str] = []  # pages opened, in order: the evidence an answer is graded on
     timings = {"generate_s": 0.0, "tool_s": 0.0}
     for _ in range(config.max_turns):
         closing = len(chat.call_prefix) + len(chat.call_suffix) if config.constrained_tool_calls else 1
@@ -156,7 +157,7 @@ async def run_episode(task: TaskInfo, *, engine: InferenceEngine, tools: ToolCli
             tool_calls += 1
             t0 = time.perf_counter()
             try:
-                observation = await _call(tools, task, call, choices)
+                observation = await _call(tools, task, call, choices, read)
             except ToolError as error:
                 if error.kind == "unavailable":
                     finish = "tool_error"
@@ -180,15 +181,17 @@ async def run_episode(task: TaskInfo, *, engine: InferenceEngine, tools: ToolCli
         trajectory_id=uuid.uuid4().hex, task_id=task.task_id, group_id=group_id, actor_id=actor_id, env=env,
         token_ids=np.asarray(tokens.ids, dtype="<u4"), loss_mask=np.asarray(tokens.mask, dtype="u1"),
         behavior_logprobs=np.asarray(tokens.logprobs, dtype="<f4"), versions=np.asarray(tokens.versions, dtype="<i4"),
-        turn_offsets=np.asarray(tokens.turn_offsets, dtype="<u4"), reward=float(reward_parts["f1"]),
+        turn_offsets=np.asarray(tokens.turn_offsets, dtype="<u4"),
+        reward=float(reward_parts["f1"] + config.evidence_reward * reward_parts.get("evidence_recall", 0.0)),
         num_turns=len(tokens.turn_offsets) - 1, num_tool_calls=tool_calls, finish_reason=finish,
         reward_parts=reward_parts, timings=timings, turn_grammars=tokens.grammars,
     )
 
 
-async def _call(tools: ToolClient, task: TaskInfo, call: ToolCall,
-                choices: ArgumentChoices | None) -> str | dict[str, float]:
-    """The observation of `call` (the grade, for an answer); what it shows joins the episode's `choices`."""
+async def _call(tools: ToolClient, task: TaskInfo, call: ToolCall, choices: ArgumentChoices | None,
+                read: list[str]) -> str | dict[str, float]:
+    """The observation of `call` (the grade, for an answer); what it shows joins the episode's `choices`, and a page
+    it opens joins `read`."""
     if call.name == "search":
         hits = await tools.search(call.arguments["query"])
         observation = _format_hits(hits)
@@ -197,8 +200,9 @@ async def _call(tools: ToolClient, task: TaskInfo, call: ToolCall,
         return observation
     if call.name == "open":
         page = await tools.open(call.arguments["doc_id"])
+        read.append(page.doc_id)
         if choices is not None:
             choices.saw_page(page.doc_id, page.text)
         return page.text
-    grade = await tools.answer(task.task_id, call.arguments["answer"])
-    return {"exact_match": float(grade.exact_match), "f1": float(grade.f1)}
+    grade = await tools.answer(task.task_id, call.arguments["answer"], read)
+    return {"exact_match": grade.exact_match, "f1": grade.f1, "evidence_recall": grade.evidence_recall}

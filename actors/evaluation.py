@@ -14,11 +14,12 @@ import asyncio
 from collections import Counter
 from collections.abc import Collection
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from longhaul.actors.agent_loop import ChatFormat, run_episode
 from longhaul.actors.engine import InferenceEngine
 from longhaul.actors.tool_service import TaskInfo, ToolClient
-from longhaul.config import AgentConfig, EngineConfig, ToolServiceConfig, WorldConfig
+from longhaul.config import AgentConfig, LonghaulConfig
 from longhaul.trajectory import Trajectory
 
 
@@ -29,8 +30,9 @@ class EvalResult:
     episodes: int
     success_rate: float
     """Share of episodes whose answer matched exactly (after SQuAD normalisation)."""
-    mean_reward: float
-    """Mean token F1 of the answers (0 for an episode that gave none): the training reward."""
+    mean_f1: float
+    """Mean token F1 of the answers (0 for an episode that gave none): the training reward, less any evidence
+    reward (`agent.evidence_reward`)."""
     mean_tool_calls: float
     max_tool_calls: int
     finish_reasons: dict[str, int]
@@ -43,7 +45,7 @@ class EvalResult:
 
     def summary(self) -> dict:
         """The figures as plain JSON-able values (no trajectories)."""
-        return {"episodes": self.episodes, "success_rate": self.success_rate, "mean_reward": self.mean_reward,
+        return {"episodes": self.episodes, "success_rate": self.success_rate, "mean_f1": self.mean_f1,
                 "mean_tool_calls": self.mean_tool_calls, "max_tool_calls": self.max_tool_calls,
                 "finish_reasons": self.finish_reasons,
                 "success_by_hops": {str(h): s for h, s in sorted(self.success_by_hops.items())},
@@ -64,23 +66,24 @@ async def held_out_tasks(tools: ToolClient, limit: int | None = None, *, split: 
     return tasks[:limit]
 
 
-async def evaluate_model(model_dir: str, *, world: WorldConfig, tools: ToolServiceConfig, engine: EngineConfig,
-                         agent: AgentConfig, limit: int | None, hops: Collection[int] | None = None,
-                         concurrency: int = 64) -> EvalResult:
-    """`evaluate` a model directory on its own: a tool server of `world` and an engine of the model, both in this
-    process, for the first `limit` test tasks (`longhaul evaluate`; a run evaluates on its actors instead)."""
+async def evaluate_model(model_dir: str | Path, config: LonghaulConfig) -> EvalResult:
+    """`evaluate` a model directory on its own, as `config.evaluation` says: a tool server of the run's world and an
+    engine of the model, both in this process (`longhaul evaluate`, and a run's model before its warm-up; a run
+    evaluates its policy on its actors instead)."""
     from transformers import AutoTokenizer
 
     from longhaul.actors.tool_service import serve
 
-    server, port = await serve(tools.model_copy(update={"simulated_latency_s": 0.0}), world)
+    settings = config.evaluation
+    server, port = await serve(config.tools.model_copy(update={"simulated_latency_s": 0.0}), config.world)
     policy = None
     try:
-        policy = await InferenceEngine(model_dir, engine).start()
-        async with ToolClient(f"127.0.0.1:{port}", tools) as client:
-            return await evaluate(await held_out_tasks(client, limit, hops=hops), engine=policy, tools=client,
-                                  chat=ChatFormat(AutoTokenizer.from_pretrained(model_dir)), agent=agent,
-                                  concurrency=concurrency)
+        policy = await InferenceEngine(str(model_dir), config.engine).start()
+        async with ToolClient(f"127.0.0.1:{port}", config.tools) as client:
+            return await evaluate(await held_out_tasks(client, settings.tasks, hops=settings.hops), engine=policy,
+                                  tools=client, chat=ChatFormat(AutoTokenizer.from_pretrained(model_dir)),
+                                  agent=config.agent.model_copy(update={"temperature": settings.temperature}),
+                                  concurrency=settings.concurrency)
     finally:
         if policy is not None:
             policy.shutdown()
@@ -114,7 +117,7 @@ def grade_episodes(tasks: list[TaskInfo], trajectories: list[Trajectory]) -> Eva
     oldest = [t.oldest_version() for t in trajectories if t.oldest_version() >= 0]
     newest = [int(t.versions.max()) for t in trajectories]  # -1 off the mask: the max is over generated tokens
     return EvalResult(
-        episodes=n, success_rate=sum(exact) / n, mean_reward=sum(t.reward for t in trajectories) / n,
+        episodes=n, success_rate=sum(exact) / n, mean_f1=sum(t.reward_parts.get("f1", 0.0) for t in trajectories) / n,
         mean_tool_calls=sum(t.num_tool_calls for t in trajectories) / n,
         max_tool_calls=max(t.num_tool_calls for t in trajectories),
         finish_reasons=dict(sorted(Counter(t.finish_reason for t in trajectories).items())),

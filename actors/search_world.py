@@ -29,13 +29,14 @@ share among threads.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import random
 import re
 import string
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Final, Literal
 
@@ -81,10 +82,13 @@ class Task:
 
 @dataclass(frozen=True, slots=True)
 class Grade:
-    """SQuAD-style scores of an answer, each in [0, 1]."""
+    """Scores of an answer, each in [0, 1]: SQuAD-style exact match and token F1, and how much of the task's
+    evidence the agent had read."""
 
     exact_match: float
     f1: float
+    evidence_recall: float = 0.0
+    """Share of the task's evidence pages (`Task.evidence_doc_ids`) among those the agent opened."""
 
 
 class _UnknownKey(KeyError):
@@ -800,9 +804,13 @@ class SearchWorld:
         """Tasks in task id order, all of them or those of one split."""
         return [task for task in self._tasks if split is None or task.split == split]
 
-    def grade(self, task_id: str, answer: str) -> Grade:
-        """Exact match and token F1 of `answer` against the task's answer, after SQuAD normalisation."""
-        return grade_answer(answer, self.task(task_id).answer)
+    def grade(self, task_id: str, answer: str, read_doc_ids: Iterable[str] = ()) -> Grade:
+        """Exact match and token F1 of `answer` against the task's answer, after SQuAD normalisation, and the share
+        of the task's evidence pages among `read_doc_ids` (the pages opened before answering)."""
+        task = self.task(task_id)
+        evidence = set(task.evidence_doc_ids)
+        recall = len(evidence.intersection(read_doc_ids)) / len(evidence)
+        return dataclasses.replace(grade_answer(answer, task.answer), evidence_recall=recall)
 
     def corpus_texts(self) -> Iterator[str]:
         """Every page's text in doc id order, then every question in task id order: the tokenizer's training text."""

@@ -65,6 +65,7 @@ MAX_QUERY_CHARS = 1024
 MAX_TOP_K = 50  # ToolServiceConfig.search_top_k has the same upper bound
 MAX_ID_CHARS = 128
 MAX_ANSWER_CHARS = 4096
+MAX_READ_DOC_IDS = 1024  # far more pages than an episode of max_turns opens
 MAX_LIST_LIMIT = 1000
 SPLITS = ("train", "test")
 # Ids are what `search` hands out; anything else (quotes, spaces, a pasted URL with a query string) is the model
@@ -258,12 +259,16 @@ class ToolServicer(pb_grpc.ToolServiceServicer):
         _check_id("task_id", request.task_id)
         if len(request.answer) > MAX_ANSWER_CHARS:
             raise _invalid("answer", f"too long: at most {MAX_ANSWER_CHARS} characters, got {len(request.answer)}")
+        if len(request.read_doc_ids) > MAX_READ_DOC_IDS:
+            raise _invalid("read_doc_ids", f"too many: at most {MAX_READ_DOC_IDS}, got {len(request.read_doc_ids)}")
+        for doc_id in request.read_doc_ids:
+            _check_id("read_doc_ids", doc_id)
         try:
-            grade = self.world.grade(request.task_id, request.answer)
+            grade = self.world.grade(request.task_id, request.answer, request.read_doc_ids)
         except UnknownTask as exc:
             raise _Rejected(grpc.StatusCode.NOT_FOUND, "task_id", f"no task has the id {_shown(request.task_id)}") \
                 from exc
-        return pb.AnswerResponse(exact_match=grade.exact_match, f1=grade.f1)
+        return pb.AnswerResponse(exact_match=grade.exact_match, f1=grade.f1, evidence_recall=grade.evidence_recall)
 
     def _list_tasks(self, request: pb.ListTasksRequest) -> pb.ListTasksResponse:
         if request.split and request.split not in SPLITS:
@@ -430,12 +435,18 @@ class ToolClient:
         return Page(doc_id=response.doc_id, text=response.text, truncated=response.truncated,
                     total_chars=response.total_chars, title=response.title if response.HasField("title") else None)
 
-    async def answer(self, task_id: str, answer: str) -> Grade:
-        """Grade `answer` to task `task_id`."""
+    async def answer(self, task_id: str, answer: str, read_doc_ids: Sequence[str] = ()) -> Grade:
+        """Grade `answer` to task `task_id`, and the evidence among `read_doc_ids` (the pages opened before it)."""
         _check_arg("answer", "task_id", task_id, str)
         _check_arg("answer", "answer", answer, str)
-        response = await self._call("answer", self._stub.Answer, pb.AnswerRequest(task_id=task_id, answer=answer))
-        return Grade(exact_match=response.exact_match, f1=response.f1)
+        if isinstance(read_doc_ids, str):  # would iterate as single characters
+            raise ToolError("invalid_argument", "answer: read_doc_ids: must be a sequence of ids, got str",
+                            tool="answer", field="read_doc_ids")
+        for doc_id in read_doc_ids:
+            _check_arg("answer", "read_doc_ids", doc_id, str)
+        response = await self._call("answer", self._stub.Answer, pb.AnswerRequest(
+            task_id=task_id, answer=answer, read_doc_ids=read_doc_ids))
+        return Grade(exact_match=response.exact_match, f1=response.f1, evidence_recall=response.evidence_recall)
 
     async def list_tasks(self, split: str | None = None, offset: int = 0, limit: int = 100) -> TaskPage:
         """Tasks `offset` to `offset + limit` of `split` ("train", "test", or None for all), without answers."""

@@ -44,6 +44,8 @@ from pathlib import Path
 
 from train_runs import read_jsonl, run_to_completion, train_command
 
+from longhaul.held_out import TRAINING
+
 
 def make_arms(count: int, group_size: int, seed: int, learner_version: int = 40):
     """`count` arms in whole groups: 40 % fresh (never used), 60 % history (used 1-3 times)."""
@@ -121,7 +123,7 @@ def learning(args) -> dict:
             started = time.monotonic()
             run_to_completion(train_command(*overrides), workdir / f"{name}.log", args.run_timeout_s, name=name)
             evaluations = read_jsonl(workdir / "runs" / name / "evaluations.jsonl")
-            curve = [(e["step"], e["success_rate"]) for e in evaluations]
+            curve = [(e["step"], e["success_rate"]) for e in evaluations if e["phase"] == TRAINING]
             reached = next((step for step, success in curve if success >= args.target), None)
             runs.append({"sampler": sampler, "seed": seed, "curve": curve, "steps_to_target": reached,
                          "wall_s": time.monotonic() - started})

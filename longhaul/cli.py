@@ -120,14 +120,10 @@ def cmd_evaluate(config: LonghaulConfig, args: argparse.Namespace) -> int:
     from longhaul.actors.tiny_model import ensure_run_model
 
     model_dir = ensure_run_model(config.model, config.world)
-    settings = config.evaluation
-    result = asyncio.run(evaluate_model(
-        str(model_dir), world=config.world, tools=config.tools, engine=config.engine,
-        agent=config.agent.model_copy(update={"temperature": settings.temperature}), limit=settings.tasks,
-        hops=settings.hops, concurrency=settings.concurrency))
+    result = asyncio.run(evaluate_model(model_dir, config))
     summary = result.summary()
     print(json.dumps(summary) if args.json else
-          f"{model_dir}: success {result.success_rate:.1%}, F1 {result.mean_reward:.3f} on {result.episodes} test "
+          f"{model_dir}: success {result.success_rate:.1%}, F1 {result.mean_f1:.3f} on {result.episodes} test "
           f"tasks; {result.mean_tool_calls:.1f} tool calls per episode (max {result.max_tool_calls}); finished "
           f"{result.finish_reasons}; success by hops {summary['success_by_hops']}")
     return 0
@@ -191,9 +187,11 @@ def cmd_train(config: LonghaulConfig, args: argparse.Namespace) -> int:
     except RunError as error:
         print(f"longhaul train: {error}", file=sys.stderr)
         return 2
+    held_out = " → ".join(f"{e['success_rate']:.1%}" for e in summary["held_out"])
     print(f"run {summary['run_name']}: {summary['steps']} steps in {summary['wall_seconds']:.0f} s, reward "
           f"{summary['reward_first']:.3f} → {summary['reward_last']:.3f}, success {summary['success_first']:.0%} → "
-          f"{summary['success_last']:.0%}, longest episode {summary['max_tool_calls']} tool calls")
+          f"{summary['success_last']:.0%}, longest episode {summary['max_tool_calls']} tool calls"
+          + (f"; held-out success {held_out}" if held_out else ""))
     return 0
 
 

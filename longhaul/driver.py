@@ -1,7 +1,8 @@
 """`longhaul train`: the whole job, started, watched and stopped from one driver process.
 
 The driver brings the run up in dependency order: the policy model (the tiny one is built if missing, and warmed
-up on expert demonstrations if `warmup.enabled`: `longhaul/warm_start.py`), Redis (the embedded server unless
+up on expert demonstrations if `warmup.enabled`: `longhaul/warm_start.py`, after playing the held-out test tasks
+itself so that the run records where it began), Redis (the embedded server unless
 `redis.url` is set), Ray (local unless `train.ray_address`), then on Ray the tool server (unless `tools.address`),
 the rollout actors (`longhaul/pool.py`) and the learner (`longhaul/learner_host.py`), which opens the weight transfer
 group with every actor's engine and sends them its weights before they generate. The starting policy plays the
@@ -31,7 +32,7 @@ from typing import Any
 
 from longhaul import metrics
 from longhaul.config import LonghaulConfig
-from longhaul.held_out import HeldOutEvaluations, describe
+from longhaul.held_out import BEFORE_WARMUP, TRAINING, HeldOutEvaluations, before_warmup_cache, describe
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +103,8 @@ class TrainingRun:
         print(f"longhaul train: run {config.run_name!r}, outputs in {self.output_dir}", flush=True)
         model_dir = ensure_run_model(config.model, config.world)
         print(f"  model      {model_dir}", flush=True)
-        model_dir = warm_start(config, model_dir)
+        model_dir = warm_start(config, model_dir, before=(
+            self._evaluate_before_warmup if config.evaluation.at_start and not self.resume else None))
         started = time.monotonic()
         with contextlib.ExitStack() as stack:
             redis_url = stack.enter_context(redis_for_run(config.redis))
@@ -289,6 +291,37 @@ class TrainingRun:
         if interactive:
             print()
 
+    def _evaluate_before_warmup(self, model_dir: Path) -> None:
+        """Evaluate the model a warm-up starts from, on an engine in this process (or take the result an earlier run
+        kept): the run's record of where it began."""
+        import asyncio
+        import os
+
+        settings = self.config.evaluation
+        cache = before_warmup_cache(self.config, model_dir)
+        figures = _read_json(cache) if cache is not None else None
+        if figures is not None:
+            print(f"  held-out   the model before the warm-up, as evaluated by an earlier run ({cache}):", flush=True)
+        else:
+            print(f"  held-out   evaluating the model before the warm-up on {settings.tasks or 'all'} test tasks (an "
+                  "engine in this process) ...", flush=True)
+            # Before vLLM is imported: its start-up INFO lines would bury the run's console (the actors' go to Ray's
+            # log files).
+            os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+            from longhaul.actors.evaluation import evaluate_model
+
+            started = time.monotonic()
+            figures = {**asyncio.run(evaluate_model(model_dir, self.config)).summary(),
+                       "seconds": time.monotonic() - started}
+            if cache is not None:  # whole or not at all: a run stopped mid-write must not leave half a file
+                cache.parent.mkdir(parents=True, exist_ok=True)
+                partial = cache.with_suffix(f".{os.getpid()}.tmp")
+                partial.write_text(json.dumps(figures) + "\n")
+                partial.replace(cache)
+        record = self._evaluations.add({"step": 0, "phase": BEFORE_WARMUP, "actor_id": "driver", "time": time.time(),
+                                        **figures})
+        print(f"  held-out   {describe(record)}", flush=True)
+
     def _evaluate(self, member, step: int) -> None:
         """Evaluate on `member` and wait for the result (or a stop request)."""
         print(f"  held-out   evaluating the policy of step {step} on {self.config.evaluation.tasks or 'all'} test "
@@ -396,14 +429,23 @@ class TrainingRun:
             "success_last": mean(records[-tenth:], "success_rate"),
             "max_tool_calls": max((r["tool_calls_max"] for r in records), default=0),
             "staleness_mean": mean(records, "staleness_mean"),
-            "held_out": [{k: e[k] for k in ("step", "versions", "episodes", "success_rate", "mean_reward",
-                                            "mean_tool_calls", "max_tool_calls", "success_by_hops")}
-                         for e in self._evaluations.records],
+            "held_out": [{"phase": e.get("phase", TRAINING), **{k: e[k] for k in (
+                "step", "versions", "episodes", "success_rate", "mean_f1", "mean_tool_calls", "max_tool_calls",
+                "success_by_hops")}} for e in self._evaluations.records],
         }
         (self.output_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         _plot(records, self._evaluations.records, self.output_dir / "progress.png", self.config.run_name)
         print(f"summary: {self.output_dir / 'summary.json'}; plot: {self.output_dir / 'progress.png'}", flush=True)
         return summary
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    """The JSON object in `path`; None if there is none or it is not one (then it is computed again)."""
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return value if isinstance(value, dict) else None
 
 
 def _plot(records: list[dict[str, Any]], evaluations: list[dict[str, Any]], path: Path, title: str) -> None:
@@ -414,13 +456,19 @@ def _plot(records: list[dict[str, Any]], evaluations: list[dict[str, Any]], path
 
     figure, axis = plt.subplots(figsize=(8, 4.5))
     steps = [r["step"] for r in records]
-    axis.plot(steps, [r["reward_mean"] for r in records], label="reward (F1)")
+    axis.plot(steps, [r["reward_mean"] for r in records], label="reward (F1, plus any evidence reward)")
     axis.plot(steps, [r["success_rate"] for r in records], label="success (exact match)")
-    if evaluations:
-        axis.plot([e["step"] for e in evaluations], [e["success_rate"] for e in evaluations], "o-", color="black",
-                  label=f"held-out success ({evaluations[-1]['episodes']} test tasks, greedy)")
+    before = [e for e in evaluations if e.get("phase") == BEFORE_WARMUP]
+    during = [e for e in evaluations if e.get("phase", TRAINING) == TRAINING]
+    if during:
+        axis.plot([e["step"] for e in during], [e["success_rate"] for e in during], "o-", color="black",
+                  label=f"held-out success ({during[-1]['episodes']} test tasks, greedy)")
+    if before:
+        axis.plot([0], [before[-1]["success_rate"]], "x", color="tab:red", markersize=9, markeredgewidth=2,
+                  label="held-out success before the warm-up")
     axis.set_xlabel("learner step")
-    axis.set_ylim(-0.02, 1.02)
+    # An evidence reward lifts rewards above 1; success rates never leave [0, 1].
+    axis.set_ylim(-0.02, max([1.0, *(r["reward_mean"] for r in records)]) + 0.02)
     axis.set_title(f"longhaul run {title}")
     axis.grid(alpha=0.3)
     axis.legend(loc="upper left")

@@ -6,10 +6,16 @@ search on tasks it never saw. The driver asks an actor (`RolloutActorHost.evalua
 at the start, every `evaluation.every_steps` steps, and at the end; at most one evaluation runs at a time, and the
 driver's loop never blocks on one in the middle of the run. Each record carries the learner step it was requested at
 and the policy versions that actually played (weights may change while an evaluation runs beside training).
+
+A run that warms up first also evaluates the model it warms up, before the warm-up (`phase: before warm-up`, played
+by the driver on an engine of its own): the run's own record of what the whole command achieved. The tiny model's
+result is kept in the model cache (`before_warmup_cache`), because it costs minutes (a random policy wanders to
+the turn limit) and depends only on inputs the cache key holds.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import threading
@@ -19,7 +25,14 @@ from typing import Any
 
 import ray
 
+from longhaul.config import LonghaulConfig
+
 log = logging.getLogger(__name__)
+
+TRAINING = "training"
+"""`phase` of the evaluations of the policy the learner trains (step 0 is the starting policy)."""
+BEFORE_WARMUP = "before warm-up"
+"""`phase` of the evaluation of the model a warm-up starts from."""
 
 
 class HeldOutEvaluations:
@@ -56,7 +69,10 @@ class HeldOutEvaluations:
         except ray.exceptions.RayError as error:
             log.error("the held-out evaluation of step %d on %s failed: %s", step, actor_id, error)
             return None
-        record = {"step": step, "actor_id": actor_id, "time": time.time(), **result}
+        return self.add({"step": step, "phase": TRAINING, "actor_id": actor_id, "time": time.time(), **result})
+
+    def add(self, record: dict[str, Any]) -> dict[str, Any]:
+        """Keep `record` (an evaluation played elsewhere, like the one before the warm-up) and return it."""
         self.records.append(record)
         with self.path.open("a") as file:
             file.write(json.dumps(record) + "\n")
@@ -75,6 +91,20 @@ def describe(record: dict[str, Any]) -> str:
     """One line for the console."""
     versions = record["versions"]
     played = f"v{versions[0]}" if versions[0] == versions[1] else f"v{versions[0]}-v{versions[1]}"
-    return (f"success {record['success_rate']:.1%} (F1 {record['mean_reward']:.3f}) on {record['episodes']} test "
-            f"tasks at step {record['step']} ({played}), {record['mean_tool_calls']:.1f} tool calls per episode "
+    when = ("before the warm-up" if record.get("phase") == BEFORE_WARMUP else
+            f"at step {record['step']} ({played})")
+    return (f"success {record['success_rate']:.1%} (F1 {record['mean_f1']:.3f}) on {record['episodes']} test "
+            f"tasks {when}, {record['mean_tool_calls']:.1f} tool calls per episode "
             f"(max {record['max_tool_calls']}), {record['seconds']:.0f} s")
+
+
+def before_warmup_cache(config: LonghaulConfig, model_dir: Path) -> Path | None:
+    """Where the evaluation of the tiny model `model_dir` under `config` is kept, keyed by everything a greedy
+    evaluation depends on (the model directory is named by the hash of its inputs); None for a model given by
+    `model.path`, whose files may change under the same path."""
+    if config.model.path is not None:
+        return None
+    inputs = {"model": model_dir.name, **{name: getattr(config, name).model_dump(mode="json") for name in (
+        "evaluation", "agent", "world", "tools", "engine")}}
+    digest = hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:16]
+    return config.model.cache_dir / "evaluations" / f"{model_dir.name}-{digest}.json"

@@ -19,10 +19,11 @@ from pathlib import Path
 from longhaul.config import LonghaulConfig
 
 
-def warm_start(config: LonghaulConfig, base_model_dir: Path, *,
-               report: Callable[[str], None] = print) -> Path:
+def warm_start(config: LonghaulConfig, base_model_dir: Path, *, report: Callable[[str], None] = print,
+               before: Callable[[Path], None] | None = None) -> Path:
     """The model the run starts from: `base_model_dir` itself without a warm-up, else the warmed-up model in
-    `warmup.output_dir` (built now unless a complete one is there). `report` gets one line per phase."""
+    `warmup.output_dir` (built now unless a complete one is there). `report` gets one line per phase; `before`, if
+    given, gets `base_model_dir` just before a warm-up is built (the run evaluates it there)."""
     from longhaul.actors.tiny_model import ModelDirError, validate_model_dir
 
     settings = config.warmup
@@ -38,6 +39,8 @@ def warm_start(config: LonghaulConfig, base_model_dir: Path, *,
         report(f"  warm-up    reusing {out_dir}")
         return out_dir
 
+    if before is not None:
+        before(base_model_dir)
     started = time.monotonic()
     demonstrations = _demonstrations(config, base_model_dir)
     tokens = sum(d.num_tokens for d in demonstrations)

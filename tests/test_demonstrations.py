@@ -124,7 +124,9 @@ def test_demonstrations_answer_correctly_and_16_hop_tasks_take_40_or_more_tool_c
     demos = play(world, tasks, tokenizer)
     assert {t.hops for t in tasks} == {1, 2, 16}
     for task, demo in zip(tasks, demos, strict=True):
-        assert (demo.finish_reason, demo.reward, demo.reward_parts["exact_match"]) == ("answer", 1.0, 1.0)
+        assert (demo.finish_reason, demo.reward_parts["exact_match"], demo.reward_parts["evidence_recall"]) == (
+            "answer", 1.0, 1.0)
+        assert demo.reward == 1.0 + AGENT.evidence_reward
         # Per hop at least a search and the open of its page, then the answer.
         assert demo.num_tool_calls >= 2 * task.hops + 1
         if task.hops == 16:
@@ -155,7 +157,7 @@ def test_constrained_demonstrations_write_compact_json_and_end_their_turn_as_the
     offsets = demo.turn_offsets.tolist()
     for k in range(demo.num_turns):  # the loop's `<tool_call>\n` opens every turn, with mask 0
         assert demo.token_ids[offsets[k]:offsets[k] + len(chat.call_prefix)].tolist() == chat.call_prefix
-    assert (demo.finish_reason, demo.reward) == ("answer", 1.0)
+    assert (demo.finish_reason, demo.reward_parts["exact_match"]) == ("answer", 1.0)
 
 
 def test_under_argument_choices_every_expert_call_is_one_the_policy_could_write(world, tokenizer):
@@ -164,4 +166,40 @@ def test_under_argument_choices_every_expert_call_is_one_the_policy_could_write(
     tasks = choose_tasks(world, DemonstrationMix(count=32, hop_weights={h: 1 for h in range(1, 17)}), seed=0)
     agent = AGENT.model_copy(update={"constrained_tool_calls": True, "argument_choices": True})
     demos = play(world, tasks, tokenizer, agent=agent)
-    assert [(d.finish_reason, d.reward) for d in demos] == [("answer", 1.0)] * len(tasks)
+    assert [(d.finish_reason, d.reward_parts["exact_match"]) for d in demos] == [("answer", 1.0)] * len(tasks)
+
+
+def test_an_answer_earns_its_f1_plus_evidence_reward_times_the_chain_read_and_no_answer_earns_nothing(world, tokenizer):
+    from longhaul.actors.demonstrations import ScriptedPolicy
+    from longhaul.actors.tool_calls import ToolCall
+
+    task = next(t for t in world.tasks("train") if t.hops == 2)
+    expert = expert_calls(world, task, random.Random(0), top_k=TOP_K)
+    first_hop = expert[:expert.index(ToolCall("open", {"doc_id": task.evidence_doc_ids[0]})) + 1]
+    agent = AGENT.model_copy(update={"evidence_reward": 0.5, "max_turns": len(first_hop)})
+    chat = ChatFormat(tokenizer)
+
+    async def episodes():
+        server, port = await serve(ToolServiceConfig(), world)
+        try:
+            async with ToolClient(f"127.0.0.1:{port}", ToolServiceConfig()) as tools:
+                info = TaskInfo(task.task_id, task.question, task.hops, task.split)
+
+                async def play(calls, config):
+                    policy = ScriptedPolicy(calls, tokenizer, chat, constrained=False)
+                    return await run_episode(info, engine=policy, tools=tools, chat=chat, config=config,
+                                             group_id="g", actor_id="a")
+
+                unlimited = agent.model_copy(update={"max_turns": 64})
+                return (await play(expert, unlimited),
+                        await play(first_hop + [ToolCall("answer", {"answer": "wrong"})], unlimited),
+                        await play(first_hop, agent))  # the turns run out before it answers
+        finally:
+            await server.stop(0)
+
+    solved, half_read, unanswered = asyncio.run(episodes())
+    assert (solved.reward, solved.reward_parts) == (1.5, {"exact_match": 1.0, "f1": 1.0, "evidence_recall": 1.0})
+    assert (half_read.reward, half_read.reward_parts) == (0.25, {"exact_match": 0.0, "f1": 0.0,
+                                                                 "evidence_recall": 0.5})
+    assert (unanswered.finish_reason, unanswered.reward, unanswered.reward_parts) == (
+        "max_turns", 0.0, {"exact_match": 0.0, "f1": 0.0})

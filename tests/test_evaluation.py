@@ -63,7 +63,7 @@ def test_held_out_tasks_are_the_test_split_in_task_id_order_and_the_figures_grad
     expected_success = len(solved) / len(test)
     assert result.episodes == len(test)
     assert result.success_rate == pytest.approx(expected_success)
-    assert result.mean_reward == pytest.approx(expected_success)  # the wrong answer shares no word with any gold one
+    assert result.mean_f1 == pytest.approx(expected_success)  # the wrong answer shares no word with any gold one
     assert (result.mean_tool_calls, result.max_tool_calls, result.finish_reasons) == (1.0, 1, {"answer": len(test)})
     assert result.versions == (0, 0)  # every generated token came from version 0
     by_hops: dict[int, list[float]] = {}

@@ -248,6 +248,17 @@ def test_numbers_grade_without_their_thousands_separators(default):
     assert default.grade(task.task_id, task.answer.replace(",", "")) == Grade(exact_match=1.0, f1=1.0)
 
 
+def test_evidence_recall_is_the_share_of_the_tasks_evidence_pages_read_whatever_else_was_read(small):
+    task = next(t for t in small.tasks() if t.hops == 2)
+    first, last = task.evidence_doc_ids
+    other = next(d.doc_id for d in small.search(task.question, 5) if d.doc_id not in task.evidence_doc_ids)
+    assert small.grade(task.task_id, "wrong") == Grade(exact_match=0.0, f1=0.0, evidence_recall=0.0)
+    assert small.grade(task.task_id, "wrong", [other, first, first, "no-such-page"]) == Grade(
+        exact_match=0.0, f1=0.0, evidence_recall=0.5)
+    assert small.grade(task.task_id, task.answer, [last, other, first]) == Grade(
+        exact_match=1.0, f1=1.0, evidence_recall=1.0)
+
+
 def test_grading_an_unknown_task_raises(small):
     with pytest.raises(UnknownTask, match="nope"):
         small.grade("nope", "anything")

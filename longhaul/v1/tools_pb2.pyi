@@ -53,20 +53,24 @@ class OpenResponse(_message.Message):
     def __init__(self, doc_id: _Optional[str] = ..., title: _Optional[str] = ..., text: _Optional[str] = ..., truncated: _Optional[bool] = ..., total_chars: _Optional[int] = ...) -> None: ...
 
 class AnswerRequest(_message.Message):
-    __slots__ = ("task_id", "answer")
+    __slots__ = ("task_id", "answer", "read_doc_ids")
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     ANSWER_FIELD_NUMBER: _ClassVar[int]
+    READ_DOC_IDS_FIELD_NUMBER: _ClassVar[int]
     task_id: str
     answer: str
-    def __init__(self, task_id: _Optional[str] = ..., answer: _Optional[str] = ...) -> None: ...
+    read_doc_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, task_id: _Optional[str] = ..., answer: _Optional[str] = ..., read_doc_ids: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class AnswerResponse(_message.Message):
-    __slots__ = ("exact_match", "f1")
+    __slots__ = ("exact_match", "f1", "evidence_recall")
     EXACT_MATCH_FIELD_NUMBER: _ClassVar[int]
     F1_FIELD_NUMBER: _ClassVar[int]
+    EVIDENCE_RECALL_FIELD_NUMBER: _ClassVar[int]
     exact_match: float
     f1: float
-    def __init__(self, exact_match: _Optional[float] = ..., f1: _Optional[float] = ...) -> None: ...
+    evidence_recall: float
+    def __init__(self, exact_match: _Optional[float] = ..., f1: _Optional[float] = ..., evidence_recall: _Optional[float] = ...) -> None: ...
 
 class ListTasksRequest(_message.Message):
     __slots__ = ("split", "offset", "limit")
