@@ -305,14 +305,19 @@ class TrainingRun:
         else:
             print(f"  held-out   evaluating the model before the warm-up on {settings.tasks or 'all'} test tasks (an "
                   "engine in this process) ...", flush=True)
-            # Before vLLM is imported: its start-up INFO lines would bury the run's console (the actors' go to Ray's
-            # log files).
+            # Set before vLLM is imported here: its start-up INFO lines would bury the run's console. Restored after,
+            # so the actors (whose logs go to Ray's files) keep the level they would have had.
+            level = os.environ.get("VLLM_LOGGING_LEVEL")
             os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
             from longhaul.actors.evaluation import evaluate_model
 
             started = time.monotonic()
-            figures = {**asyncio.run(evaluate_model(model_dir, self.config)).summary(),
-                       "seconds": time.monotonic() - started}
+            try:
+                figures = {**asyncio.run(evaluate_model(model_dir, self.config)).summary(),
+                           "seconds": time.monotonic() - started}
+            finally:
+                if level is None:
+                    del os.environ["VLLM_LOGGING_LEVEL"]
             if cache is not None:  # whole or not at all: a run stopped mid-write must not leave half a file
                 cache.parent.mkdir(parents=True, exist_ok=True)
                 partial = cache.with_suffix(f".{os.getpid()}.tmp")
