@@ -46,7 +46,7 @@ def warm_start(config: LonghaulConfig, base_model_dir: Path, *, report: Callable
     tokens = sum(d.num_tokens for d in demonstrations)
     report(f"  warm-up    {len(demonstrations)} expert episodes ({tokens:,} tokens, up to "
            f"{max(d.num_tool_calls for d in demonstrations)} tool calls) in {time.monotonic() - started:.0f} s; "
-           f"imitating them for up to {settings.time_budget_s:.0f} s ...")
+           f"imitating them for up to {settings.max_steps} steps or {settings.time_budget_s:.0f} s ...")
     from longhaul.learner.warmup import warm_up
 
     shown = [-math.inf]  # when the last progress line was written
