@@ -74,20 +74,26 @@ async def evaluate_model(model_dir: str | Path, config: LonghaulConfig) -> EvalR
 
     from longhaul.actors.tool_service import serve
 
-    settings = config.evaluation
     server, port = await serve(config.tools.model_copy(update={"simulated_latency_s": 0.0}), config.world)
     policy = None
     try:
         policy = await InferenceEngine(str(model_dir), config.engine).start()
         async with ToolClient(f"127.0.0.1:{port}", config.tools) as client:
-            return await evaluate(await held_out_tasks(client, settings.tasks, hops=settings.hops), engine=policy,
-                                  tools=client, chat=ChatFormat(AutoTokenizer.from_pretrained(model_dir)),
-                                  agent=config.agent.model_copy(update={"temperature": settings.temperature}),
-                                  concurrency=settings.concurrency)
+            return await evaluate_held_out(config, engine=policy, tools=client,
+                                           chat=ChatFormat(AutoTokenizer.from_pretrained(model_dir)))
     finally:
         if policy is not None:
             policy.shutdown()
         await server.stop(0)
+
+
+async def evaluate_held_out(config: LonghaulConfig, *, engine: InferenceEngine, tools: ToolClient,
+                            chat: ChatFormat) -> EvalResult:
+    """`evaluate` the held-out tasks `config.evaluation` names, with `config.agent` at the evaluation's temperature."""
+    settings = config.evaluation
+    return await evaluate(await held_out_tasks(tools, settings.tasks, hops=settings.hops), engine=engine, tools=tools,
+                          chat=chat, agent=config.agent.model_copy(update={"temperature": settings.temperature}),
+                          concurrency=settings.concurrency)
 
 
 async def evaluate(tasks: list[TaskInfo], *, engine: InferenceEngine, tools: ToolClient, chat: ChatFormat,

@@ -92,17 +92,13 @@ class RolloutActorHost:
     async def evaluate(self) -> dict[str, Any]:
         """Play the held-out tasks (`evaluation` config) on this actor's engine, beside its rollouts, and return the
         figures (`EvalResult.summary`) with the seconds it took. Nothing goes to the buffer."""
-        from longhaul.actors.evaluation import evaluate, held_out_tasks
+        from longhaul.actors.evaluation import evaluate_held_out
 
         if self._engine is None:
             raise RuntimeError(f"{self.actor_id}: evaluate() before start()")
-        settings = self.config.evaluation
         started = time.monotonic()
-        task = asyncio.create_task(evaluate(
-            await held_out_tasks(self._tools, settings.tasks, hops=settings.hops), engine=self._engine,
-            tools=self._tools,
-            chat=self._chat, agent=self.config.agent.model_copy(update={"temperature": settings.temperature}),
-            concurrency=settings.concurrency))
+        task = asyncio.create_task(evaluate_held_out(self.config, engine=self._engine, tools=self._tools,
+                                                     chat=self._chat))
         self._evaluations.add(task)  # `stop` waits for it: the engine must outlive the episodes using it
         try:
             result = await task

@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import sys
 import threading
 import time
@@ -225,11 +226,8 @@ class TrainingRun:
             self._metrics_targets["actor"] = self._pool.metrics_addresses()
         groups = [{"targets": addresses, "labels": {"job": "longhaul", "run": self.config.run_name, "component": c}}
                   for c, addresses in sorted(self._metrics_targets.items()) if addresses]
-        path = self.output_dir / "prometheus_targets.json"
-        partial = path.with_suffix(".json.partial")
-        partial.write_text(json.dumps(groups, indent=2) + "\n")
-        partial.replace(path)  # Prometheus re-reads the file on change: never show it half written
-        return path
+        # Prometheus re-reads the file on change: never show it half written.
+        return _write_atomically(self.output_dir / "prometheus_targets.json", json.dumps(groups, indent=2) + "\n")
 
     def _start_actors(self, stack: contextlib.ExitStack, model_dir: Path, redis_url: str, tool_address: str, store):
         from longhaul.pool import ActorPool
@@ -295,7 +293,6 @@ class TrainingRun:
         """Evaluate the model a warm-up starts from, on an engine in this process (or take the result an earlier run
         kept): the run's record of where it began."""
         import asyncio
-        import os
 
         settings = self.config.evaluation
         cache = before_warmup_cache(self.config, model_dir)
@@ -318,11 +315,9 @@ class TrainingRun:
             finally:
                 if level is None:
                     del os.environ["VLLM_LOGGING_LEVEL"]
-            if cache is not None:  # whole or not at all: a run stopped mid-write must not leave half a file
+            if cache is not None:  # a run stopped mid-write must not leave half a file
                 cache.parent.mkdir(parents=True, exist_ok=True)
-                partial = cache.with_suffix(f".{os.getpid()}.tmp")
-                partial.write_text(json.dumps(figures) + "\n")
-                partial.replace(cache)
+                _write_atomically(cache, json.dumps(figures) + "\n")
         record = self._evaluations.add({"step": 0, "phase": BEFORE_WARMUP, "actor_id": "driver", "time": time.time(),
                                         **figures})
         print(f"  held-out   {describe(record)}", flush=True)
@@ -442,6 +437,14 @@ class TrainingRun:
         _plot(records, self._evaluations.records, self.output_dir / "progress.png", self.config.run_name)
         print(f"summary: {self.output_dir / 'summary.json'}; plot: {self.output_dir / 'progress.png'}", flush=True)
         return summary
+
+
+def _write_atomically(path: Path, text: str) -> Path:
+    """Write `text` to `path` whole or not at all: a reader never sees half of it."""
+    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    partial.write_text(text)
+    partial.replace(path)
+    return path
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:
