@@ -52,6 +52,17 @@ def _wait_for_step(process: subprocess.Popen, checkpoints: Path, step: int, time
         time.sleep(0.05)
 
 
+def _wait_until_pending(store: TrajectoryStore, count: int, timeout_s: float = 60) -> None:
+    # The learner logs step 7 before it reads the next group; killing it in between would leave that group unread
+    # (still in the stream, not pending) and the test would not show that a held, unacknowledged group survives.
+    deadline = time.monotonic() + timeout_s
+    while store.stats().pending != count:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the learner did not hold {count} trajectories within {timeout_s} s: "
+                               f"{store.stats()}")
+        time.sleep(0.05)
+
+
 def _finish(process: subprocess.Popen) -> None:
     output, _ = process.communicate(timeout=300)
     assert process.returncode == 0, output
@@ -80,6 +91,7 @@ def test_sigkilled_learner_resumes_to_the_uninterrupted_result_without_training_
         stores["killed"].append(trajectory)
     process = _learner(redis_server.url, "killed", killed_dir, tiny_model_dir)
     _wait_for_step(process, killed_dir, KILL_AFTER_STEP)
+    _wait_until_pending(stores["killed"], BATCH + 4)
     process.send_signal(signal.SIGKILL)
     process.wait(timeout=30)
     assert process.returncode == -signal.SIGKILL
