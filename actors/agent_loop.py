@@ -122,7 +122,8 @@ async def run_episode(task: TaskInfo, *, engine: InferenceEngine, tools: ToolCli
     """Play `task` to the end (an answer, `max_turns`, `max_episode_tokens`, or an unreachable tool service)."""
     started = time.perf_counter()
     tokens = _Tokens()
-    tokens.context(chat.prompt_ids(config.system_prompt, task.question))
+    question = f"{task.question}\nHops: {task.hops}" if config.state_hops else task.question
+    tokens.context(chat.prompt_ids(config.system_prompt, question))
     choices = ArgumentChoices(task.question) if config.constrained_tool_calls and config.argument_choices else None
     finish, reward_parts, tool_calls = "max_turns", {"exact_match": 0.0, "f1": 0.0}, 0
     read: list[str] = []  # pages opened, in order: the evidence an answer is graded on

@@ -89,10 +89,13 @@ async def evaluate_model(model_dir: str | Path, config: LonghaulConfig) -> EvalR
 
 async def evaluate_held_out(config: LonghaulConfig, *, engine: InferenceEngine, tools: ToolClient,
                             chat: ChatFormat) -> EvalResult:
-    """`evaluate` the held-out tasks `config.evaluation` names, with `config.agent` at the evaluation's temperature."""
+    """`evaluate` the held-out tasks `config.evaluation` names, with `config.agent` at the evaluation's temperature
+    and turn limit."""
     settings = config.evaluation
     return await evaluate(await held_out_tasks(tools, settings.tasks, hops=settings.hops), engine=engine, tools=tools,
-                          chat=chat, agent=config.agent.model_copy(update={"temperature": settings.temperature}),
+                          chat=chat, agent=config.agent.model_copy(update={
+                              "temperature": settings.temperature,
+                              "max_turns": settings.max_turns or config.agent.max_turns}),
                           concurrency=settings.concurrency)
 
 

@@ -66,7 +66,7 @@ def make_arms(count: int, group_size: int, seed: int, learner_version: int = 40)
                 trajectory_id=f"t{g}-{m}", group_id=f"g{g}", reward=float(rewards[m]),
                 advantage=float((rewards[m] - rewards.mean()) / std) if std > 0 else 0.0, group_std=std,
                 length=int(rng.lognormal(8, 1)), entropy=float(rng.gamma(2, 0.3)), tool_calls=int(rng.integers(0, 60)),
-                oldest_version=version - int(rng.integers(0, 3)),
+                newest_version=version - int(rng.integers(0, 3)),
                 arrival_round=int(learner_version - rng.integers(0, 4)),
                 uses=0 if fresh else int(rng.integers(1, 4)), trained_round=-1 if fresh else version))
     return arms

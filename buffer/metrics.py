@@ -39,7 +39,7 @@ POLICY_VERSION = Gauge("longhaul_buffer_policy_version", "Policy version publish
 
 STALENESS = Histogram(
     "longhaul_buffer_staleness_versions",
-    "Staleness (learner version minus the trajectory's oldest token version) of each trajectory judged at delivery",
+    "Staleness (learner version minus the trajectory's newest token version) of each trajectory judged at delivery",
     buckets=(0, 1, 2, 3, 4, 6, 8, 16, 32, 64, 128),
 )  # every judged trajectory, dropped or down-weighted ones included: the tail is what an operator tunes against
 

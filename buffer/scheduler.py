@@ -99,7 +99,8 @@ class Arm:
     entropy: float
     """−mean behaviour logprob over the generated tokens (0 if none)."""
     tool_calls: int
-    oldest_version: int
+    newest_version: int
+    """The policy version that finished it, where its staleness counts from (`Trajectory.newest_version`)."""
     arrival_round: int
     uses: int = 0
     trained_round: int = -1
@@ -118,15 +119,15 @@ def arms_of_group(trajectories: Sequence[Trajectory], arrival_round: int) -> lis
     advantages = (rewards - rewards.mean()) / std if std > 0 else np.zeros_like(rewards)
     return [
         Arm(t.trajectory_id, t.group_id, float(t.reward), float(a), std, int((t.loss_mask > 0).sum()),
-            entropy_estimate(t), int(t.num_tool_calls), int(t.oldest_version()), arrival_round)
+            entropy_estimate(t), int(t.num_tool_calls), int(t.newest_version()), arrival_round)
         for t, a in zip(trajectories, advantages, strict=True)
     ]
 
 
 def _columns(arms: Sequence[Arm]) -> np.ndarray:
-    """[N, 9] float64: reward, advantage, group_std, length, entropy, oldest_version, tool_calls, uses,
+    """[N, 9] float64: reward, advantage, group_std, length, entropy, newest_version, tool_calls, uses,
     arrival_round. One pass over the arms: at 10^5 candidates the Python loop is most of a round's cost."""
-    return np.array([(a.reward, a.advantage, a.group_std, a.length, a.entropy, a.oldest_version, a.tool_calls, a.uses,
+    return np.array([(a.reward, a.advantage, a.group_std, a.length, a.entropy, a.newest_version, a.tool_calls, a.uses,
                       a.arrival_round) for a in arms], dtype=np.float64).reshape(len(arms), 9)
 
 
@@ -191,8 +192,8 @@ def select(arms: Sequence[Arm], scorer: Scorer, *, learner_version: int, round_:
     groups = np.fromiter((group_index.setdefault(a.group_id, len(group_index)) for a in arms), np.int64, len(arms))
     eligible = raw[:, 7] < max_times
     if max_staleness is not None:
-        oldest = raw[:, 5]
-        eligible &= (oldest < 0) | (learner_version - oldest <= max_staleness)
+        newest = raw[:, 5]
+        eligible &= (newest < 0) | (learner_version - newest <= max_staleness)
     predicted, bonus = scorer.score(contexts)
     return contexts, constrained_top(predicted + bonus, groups, k, top_p, eligible)
 
@@ -532,7 +533,7 @@ class RolloutScheduler:
         for i in chosen:
             if i < len(held):
                 delivery, arm = held[i]
-                verdict = self._store.staleness.judge(arm.oldest_version, learner_version)
+                verdict = self._store.staleness.judge(arm.newest_version, learner_version)
                 batch.append(dataclasses.replace(delivery, staleness=verdict.staleness, weight=verdict.weight))
                 delivered.append(int(i))
                 del self._held[arm.trajectory_id]
@@ -575,7 +576,7 @@ class RolloutScheduler:
 
     def _trainable(self, arm: Arm, learner_version: int) -> bool:
         staleness = self._store.staleness
-        return staleness.judge(arm.oldest_version, learner_version).action != "drop"
+        return staleness.judge(arm.newest_version, learner_version).action != "drop"
 
     def _replay_candidates(self) -> list[Arm]:
         """Trained rollouts the store still holds for replay, and forgetting those it no longer does."""

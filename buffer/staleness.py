@@ -5,8 +5,12 @@ start an episode only while admitted < (v + s + 1) × B, where `admitted` counts
 or finished). Trained batches are at most s versions behind the episodes that fill them, and actors run ahead of the
 learner by at most s batches instead of flooding the buffer.
 
-At train time a trajectory whose oldest generated token is more than s versions old is dropped or down-weighted,
-by config, and counted either way.
+At train time a trajectory finished by a policy more than s versions old (its newest generated token's version) is
+dropped or down-weighted, by config, and counted either way. Its age counts from the end, not the start: an episode
+of 40+ tool calls spans more learner steps than s, and measured from its first token (as before) every one of them
+was dropped, teaching the policy that long episodes do not exist. Its older tokens are off-policy by more than s;
+the loss's importance weights are per token and take that (VESPO's kernel shrinks a far-off-policy sequence's
+weight). Admission still bounds how far ahead of the learner an episode may start.
 
 Admissions are also kept per holder (the actor that asked) in a `holdings` hash: +n when admitted, −1 in the same
 transaction as the XADD of each of its trajectories (`TrajectoryStore.append`), −n on `release`. An actor that dies
@@ -60,7 +64,7 @@ return 0
 @dataclass(frozen=True, slots=True)
 class StalenessVerdict:
     staleness: int
-    """Learner version minus the oldest version that generated a token of the trajectory."""
+    """Learner version minus the newest version that generated a token of the trajectory."""
     action: Literal["train", "downweight", "drop"]
     weight: float
     """Loss weight to train with (0 for a dropped trajectory)."""
@@ -115,9 +119,9 @@ class StalenessGate:
         """Episodes admitted and not yet appended, by holder."""
         return {k.decode(): int(v) for k, v in self._client.hgetall(self.holdings_key).items()}
 
-    def judge(self, oldest_version: int, learner_version: int) -> StalenessVerdict:
-        """Decide how training treats a trajectory whose oldest generated token came from `oldest_version`."""
-        staleness = max(0, learner_version - oldest_version) if oldest_version >= 0 else 0
+    def judge(self, newest_version: int, learner_version: int) -> StalenessVerdict:
+        """Decide how training treats a trajectory whose newest generated token came from `newest_version`."""
+        staleness = max(0, learner_version - newest_version) if newest_version >= 0 else 0
         if staleness <= self.config.max_staleness:
             return StalenessVerdict(staleness, "train", 1.0)
         if self.config.policy == "drop":

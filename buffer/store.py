@@ -80,7 +80,7 @@ class Delivery:
     trajectory: Trajectory
     source: Source
     staleness: int
-    """Learner version at delivery minus the trajectory's oldest generated version."""
+    """Learner version at delivery minus the trajectory's newest generated version (`StalenessGate.judge`)."""
     weight: float
     """Loss weight from the staleness policy: 1, or `staleness.downweight` for an over-stale trajectory."""
 
@@ -404,7 +404,7 @@ class TrajectoryStore:
             if not entries:
                 continue  # evicted since the caller listed the history
             trajectory = decode_trajectory(entries[0][1][PAYLOAD_FIELD], self.config.codec)
-            verdict = self.staleness.judge(trajectory.oldest_version(), learner_version)
+            verdict = self.staleness.judge(trajectory.newest_version(), learner_version)
             if verdict.action != "train":
                 counts.hincrby(self.keys.counters, f"stale_{verdict.action}", 1)
                 metrics.STALE.labels(verdict.action).inc()
@@ -479,7 +479,7 @@ class TrajectoryStore:
                     metrics.DUPLICATES.inc()
                     continue
                 in_batch.add(trajectory.trajectory_id)
-                verdict = self.staleness.judge(trajectory.oldest_version(), learner_version)
+                verdict = self.staleness.judge(trajectory.newest_version(), learner_version)
                 metrics.STALENESS.observe(verdict.staleness)
                 if verdict.action == "drop":
                     discards += [entry_id, "stale_drop"]

@@ -127,6 +127,13 @@ class AgentConfig(_Section):
     answer; `actors/argument_choices.py`). For models too small to learn copying in the time they have, like the
     tiny default model: choosing which string stays the policy's decision."""
 
+    state_hops: bool = True
+    """End the question with a line `Hops: k`, the length of its chain, as a harness tells an agent its budget. A
+    capable model could count the relations a question names; a 2-layer one cannot, and without the line one stop
+    propensity serves every task: long demonstrations then taught it to keep going on the short tasks too, or never
+    to answer. With it, a warm-up on 8 % 16-hop demonstrations played the 16-hop tasks for 48 calls and the 1-2 hop
+    ones for 7 (greedy; docs/benchmarks.md, "Learning")."""
+
     system_prompt: str = (
         "You answer questions by searching a document collection. Tools: search(query) returns matching pages "
         "with snippets; open(doc_id) returns a page; answer(answer) submits your final answer and ends the "
@@ -623,10 +630,12 @@ class WarmupConfig(_Section):
     """Expert episodes on train tasks to imitate, each of a different task while there are enough: distinct tasks,
     not passes over the same ones, are what make imitation generalise."""
 
-    hop_weights: dict[int, float] = {1: 1.0, 2: 1.0}
-    """Relative share of each hop count among the demonstrated tasks (e.g. `{1: 4, 2: 2, 16: 1}`); empty: every hop
-    count of the world equally. Short tasks teach the moves and when to answer; a tiny model given long ones too
-    learns only to keep going (measured: it then never answered, docs/benchmarks.md)."""
+    hop_weights: dict[int, float] = {1: 1.0, 2: 1.0, 16: 0.06}
+    """Relative share of each hop count among the demonstrated tasks; empty: every hop count of the world equally.
+    Short tasks teach the moves and when to answer; a few 16-hop ones (3 % of the episodes, 17 % of the tokens)
+    teach that a question of `Hops: 16` takes 40+ calls, so that RL samples long episodes from its first steps (at
+    0.03 they did not: 5.6 calls on 16-hop tasks). Without `agent.state_hops` a tiny model given long ones learned
+    only to keep going (it then never answered; docs/benchmarks.md, "Learning")."""
 
     epochs: int = Field(default=4, ge=1)
     """Passes over the demonstrations (the warm-up stops earlier at `max_steps` or `time_budget_s`)."""
@@ -690,6 +699,11 @@ class EvaluationConfig(_Section):
 
     at_end: bool = True
     """Evaluate the final policy when the run reaches `learner.total_steps` (not after a stop request)."""
+
+    max_turns: int | None = Field(default=24, ge=1)
+    """Turns of an evaluation episode (`agent.max_turns` for None). The default's held-out tasks take the expert 11
+    tool calls at most; an untrained policy wanders to the limit on almost every one, and 64 turns made the
+    evaluation before the warm-up cost 180-240 s of the default run (88 s at 24)."""
 
     temperature: float = Field(default=0.0, ge=0)
     """Sampling temperature of the evaluation episodes: 0 is greedy, so the same weights play the same episodes."""

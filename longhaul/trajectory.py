@@ -99,6 +99,11 @@ class Trajectory:
         oldest = int(self.versions.view(np.uint32).min(initial=_NO_VERSION))
         return -1 if oldest == _NO_VERSION else oldest
 
+    def newest_version(self) -> int:
+        """The newest policy version that generated any token of this episode, the one that finished it (-1 if it
+        generated none): a trajectory's age counts from here (`buffer/staleness.py`)."""
+        return int(self.versions.max(initial=-1))  # -1 off the mask, so the max is over generated tokens
+
     def validate(self, limits: CodecConfig = CodecConfig(), *, per_token: bool = True) -> None:
         """Raise `TrajectoryError` naming the first field that breaks the invariants above.
 

@@ -51,7 +51,7 @@ def test_a_constrained_episode_of_45_tool_calls_has_exact_masks_versions_logprob
     decode_trajectory(encode_trajectory(trajectory))  # the reader's full validation accepts it
     ids, mask = trajectory.token_ids.tolist(), trajectory.loss_mask
     offsets = trajectory.turn_offsets.tolist()
-    prompt = chat.prompt_ids(agent.system_prompt, task.question)
+    prompt = chat.prompt_ids(agent.system_prompt, f"{task.question}\nHops: {task.hops}")  # agent.state_hops
     assert ids[:offsets[0]] == prompt and not mask[:offsets[0]].any()
     assert (trajectory.finish_reason, trajectory.num_turns, trajectory.num_tool_calls) == ("max_turns", 45, 45)
     for k in range(trajectory.num_turns):

@@ -65,7 +65,9 @@ def test_a_demonstration_is_the_chat_templates_rendering_of_its_conversation_wit
     calls = expert_calls(world, task, random.Random("longhaul-demonstrations:0:0"), top_k=TOP_K)
     # The conversation written out by hand: what a search returns and what a page says come from the world, in the
     # agent loop's format; the chat template renders it as a whole.
-    messages = [{"role": "system", "content": AGENT.system_prompt}, {"role": "user", "content": task.question}]
+    # The question ends with its chain length (agent.state_hops).
+    messages = [{"role": "system", "content": AGENT.system_prompt},
+                {"role": "user", "content": f"{task.question}\nHops: 3"}]
     for call in calls:
         messages.append({"role": "assistant", "content": "",
                          "tool_calls": [{"function": {"name": call.name, "arguments": call.arguments}}]})
@@ -89,6 +91,13 @@ def test_a_demonstration_is_the_chat_templates_rendering_of_its_conversation_wit
     assert set(demo.behavior_logprobs[demo.loss_mask == 1].tolist()) == {0.0}
     assert set(demo.versions[demo.loss_mask == 1].tolist()) == {0}
     decode_trajectory(encode_trajectory(demo))  # the buffer's reader accepts it
+
+
+def test_without_state_hops_the_user_turn_is_the_bare_question(world, tokenizer):
+    task = next(t for t in world.tasks("train") if t.hops == 3)
+    [demo] = play(world, [task], tokenizer, agent=AGENT.model_copy(update={"state_hops": False}))
+    prompt = demo.token_ids[:demo.turn_offsets[0]].tolist()
+    assert prompt == ChatFormat(tokenizer).prompt_ids(AGENT.system_prompt, task.question)
 
 
 def test_replaying_a_demonstrations_turns_through_the_agent_loop_rebuilds_its_tokens_exactly(world, tokenizer):

@@ -9,10 +9,10 @@ import pytest
 
 from longhaul.actors.agent_loop import ChatFormat
 from longhaul.actors.engine import Generation
-from longhaul.actors.evaluation import evaluate, held_out_tasks
+from longhaul.actors.evaluation import evaluate, evaluate_held_out, held_out_tasks
 from longhaul.actors.search_world import SearchWorld
 from longhaul.actors.tool_service import ToolClient, serve
-from longhaul.config import AgentConfig, EngineConfig, ToolServiceConfig
+from longhaul.config import AgentConfig, EngineConfig, EvaluationConfig, LonghaulConfig, ToolServiceConfig
 from tests.conftest import SMALL_WORLD
 
 
@@ -30,6 +30,39 @@ class Oracle:
         ids = self.tokenizer.encode(f'<tool_call>\n{{"name": "answer", "arguments": {{"answer": "{answer}"}}}}\n'
                                     "</tool_call>", add_special_tokens=False)
         return Generation(ids, [0.0] * len(ids), [0] * len(ids), "stop")
+
+
+class Searcher:
+    """Keeps the engine's contract; searches the same query every turn, never answers."""
+
+    def __init__(self, tokenizer):
+        self.ids = tokenizer.encode('<tool_call>\n{"name": "search", "arguments": {"query": "x"}}\n</tool_call>',
+                                    add_special_tokens=False)
+
+    async def generate(self, prompt_token_ids, **_):
+        return Generation(self.ids, [0.0] * len(self.ids), [0] * len(self.ids), "stop")
+
+
+def test_held_out_episodes_end_at_the_evaluations_turn_limit_not_the_agents(tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    config = LonghaulConfig(world=SMALL_WORLD, agent=AgentConfig(max_turns=40, constrained_tool_calls=False),
+                            evaluation=EvaluationConfig(max_turns=7, hops=None))
+    unlimited = config.model_copy(update={"evaluation": EvaluationConfig(max_turns=None, hops=None)})
+
+    async def scenario():
+        server, port = await serve(ToolServiceConfig(), SearchWorld.generate(SMALL_WORLD))
+        try:
+            async with ToolClient(f"127.0.0.1:{port}", ToolServiceConfig()) as tools:
+                return [await evaluate_held_out(c, engine=Searcher(tokenizer), tools=tools, chat=ChatFormat(tokenizer))
+                        for c in (config, unlimited)]
+        finally:
+            await server.stop(0)
+
+    capped, uncapped = asyncio.run(scenario())
+    assert (capped.max_tool_calls, capped.mean_tool_calls, capped.finish_reasons) == (7, 7.0, {"max_turns": 5})
+    assert (uncapped.max_tool_calls, uncapped.finish_reasons) == (40, {"max_turns": 5})
 
 
 def test_held_out_tasks_are_the_test_split_in_task_id_order_and_the_figures_grade_every_episode(tiny_model_dir):

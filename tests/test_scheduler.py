@@ -166,7 +166,7 @@ def test_context_matrix_measures_staleness_and_age_at_selection_time():
     [arm] = arms_of_group([synthetic_trajectory(0, turns=2, tokens=64, version=3)], arrival_round=2)
     arm.uses = 1
     row = dict(zip(FEATURES, context_matrix([arm], learner_version=9, round_=5)[0].tolist(), strict=True))
-    assert row["log_staleness"] == pytest.approx(math.log1p(9 - arm.oldest_version))
+    assert row["log_staleness"] == pytest.approx(math.log1p(9 - arm.newest_version))
     assert row["log_age"] == pytest.approx(math.log1p(3))
     assert (row["uses"], row["replay"], row["bias"]) == (1.0, 1.0, 1.0)
     assert context_matrix([], 0, 0).shape == (0, len(FEATURES))

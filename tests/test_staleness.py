@@ -1,8 +1,8 @@
 """Bounded staleness: admission of new episodes, the monotonic policy version, and the train-time filter.
 
 Admission (AReaL's rule): with published version v, max_staleness s and batch size B, exactly (v + s + 1) × B
-episodes may ever be admitted. At train time a trajectory whose oldest generated token is more than s versions behind
-the learner is dropped or down-weighted, and counted either way.
+episodes may ever be admitted. At train time a trajectory whose newest generated token (the policy that finished it) is
+more than s versions behind the learner is dropped or down-weighted, and counted either way.
 """
 
 from __future__ import annotations
@@ -191,8 +191,8 @@ def test_concurrent_admission_never_over_admits(redis_server: EmbeddedRedis, red
 S = 2  # max_staleness of the judge tables
 
 
-@pytest.mark.parametrize(("oldest", "learner", "drop", "downweight"), [
-    # oldest version, learner version → verdict under policy drop, under policy downweight (weight 0.25)
+@pytest.mark.parametrize(("newest", "learner", "drop", "downweight"), [
+    # newest version, learner version → verdict under policy drop, under policy downweight (weight 0.25)
     (5, 5, StalenessVerdict(0, "train", 1.0), StalenessVerdict(0, "train", 1.0)),
     (5, 6, StalenessVerdict(1, "train", 1.0), StalenessVerdict(1, "train", 1.0)),
     (5, 7, StalenessVerdict(2, "train", 1.0), StalenessVerdict(2, "train", 1.0)),         # exactly s: trained
@@ -201,13 +201,13 @@ S = 2  # max_staleness of the judge tables
     (9, 7, StalenessVerdict(0, "train", 1.0), StalenessVerdict(0, "train", 1.0)),         # newer than the learner
     (-1, 100, StalenessVerdict(0, "train", 1.0), StalenessVerdict(0, "train", 1.0)),      # generated no token
 ])
-def test_judge_measures_staleness_from_the_oldest_version(redis_client, run_name, oldest, learner, drop,
+def test_judge_measures_staleness_from_the_newest_version(redis_client, run_name, newest, learner, drop,
                                                           downweight):
     for policy, expected in (("drop", drop), ("downweight", downweight)):
         keys = RunKeys(run_name)
         gate = StalenessGate(redis_client, keys.version, keys.counters, keys.holdings,
                              StalenessConfig(max_staleness=S, policy=policy, downweight=0.25))
-        assert gate.judge(oldest, learner) == expected, policy
+        assert gate.judge(newest, learner) == expected, policy
 
 
 def test_judge_with_zero_staleness_trains_only_the_current_version(redis_client, run_name):
@@ -224,27 +224,27 @@ LEARNER_VERSION = 6
 
 
 def append_generations(store: TrajectoryStore) -> dict[str, int]:
-    """Append trajectories generated at versions 2..8 (oldest tokens from 0..6); returns id → oldest version."""
-    oldest = {}
+    """Append trajectories generated at versions 2..8 (their tokens' versions 0..6); returns id → newest version."""
+    newest = {}
     for version in range(2, 9):
         trajectory = synthetic_trajectory(version, turns=4, tokens=200, version=version,
                                           trajectory_id=f"gen-{version}")
-        oldest[trajectory.trajectory_id] = trajectory.oldest_version()
+        newest[trajectory.trajectory_id] = trajectory.newest_version()
         store.append(trajectory, timeout_s=5)
-    assert sorted(oldest.values()) == list(range(7))  # the factory's drift: version − 2 for short episodes
-    return oldest
+    assert sorted(newest.values()) == list(range(7))  # the factory's drift: version − 2 for short episodes
+    return newest
 
 
 def test_drop_policy_acknowledges_deletes_and_counts_over_stale_trajectories(make_store, redis_client):
     store = make_store(staleness=StalenessConfig(max_staleness=2, policy="drop"))
-    oldest = append_generations(store)
+    newest = append_generations(store)
     store.staleness.publish_version(LEARNER_VERSION)
     dropped_before = stale_counted("drop")
 
     delivered = store.read("learner-0", max_count=100, block_ms=0)
 
-    fresh_enough = [tid for tid, v in oldest.items() if LEARNER_VERSION - v <= 2]
-    assert fresh_enough == ["gen-6", "gen-7", "gen-8"]  # oldest 4, 5, 6: staleness 2, 1, 0
+    fresh_enough = [tid for tid, v in newest.items() if LEARNER_VERSION - v <= 2]
+    assert fresh_enough == ["gen-6", "gen-7", "gen-8"]  # versions 4, 5, 6: staleness 2, 1, 0
     assert [d.trajectory.trajectory_id for d in delivered] == fresh_enough
     assert [(d.staleness, d.weight, d.source) for d in delivered] == [(2, 1.0, "new"), (1, 1.0, "new"),
                                                                       (0, 1.0, "new")]
@@ -260,14 +260,14 @@ def test_drop_policy_acknowledges_deletes_and_counts_over_stale_trajectories(mak
 
 def test_downweight_policy_delivers_over_stale_trajectories_with_the_configured_weight(make_store):
     store = make_store(staleness=StalenessConfig(max_staleness=2, policy="downweight", downweight=0.25))
-    oldest = append_generations(store)
+    newest = append_generations(store)
     store.staleness.publish_version(LEARNER_VERSION)
     downweighted_before = stale_counted("downweight")
 
     delivered = store.read("learner-0", max_count=100, block_ms=0)
 
-    assert [d.trajectory.trajectory_id for d in delivered] == list(oldest)
-    expected = [(LEARNER_VERSION - v, 1.0 if LEARNER_VERSION - v <= 2 else 0.25) for v in oldest.values()]
+    assert [d.trajectory.trajectory_id for d in delivered] == list(newest)
+    expected = [(LEARNER_VERSION - v, 1.0 if LEARNER_VERSION - v <= 2 else 0.25) for v in newest.values()]
     assert [(d.staleness, d.weight) for d in delivered] == expected
     assert expected == [(6, 0.25), (5, 0.25), (4, 0.25), (3, 0.25), (2, 1.0), (1, 1.0), (0, 1.0)]
     stats = store.stats()
@@ -277,10 +277,24 @@ def test_downweight_policy_delivers_over_stale_trajectories_with_the_configured_
     assert stale_counted("downweight") - downweighted_before == 4
 
 
+def test_a_long_episode_is_as_old_as_the_policy_that_finished_it_not_the_one_that_started_it(make_store):
+    store = make_store(staleness=StalenessConfig(max_staleness=2, policy="drop"))
+    # 44 turns generated across two weight updates: tokens of versions 10, 11 and 12.
+    store.append(synthetic_trajectory(0, turns=44, tokens=33_000, version=12, trajectory_id="long"), timeout_s=5)
+    store.staleness.publish_version(14)  # 4 versions after its first token, 2 after its last
+    [long] = store.read("learner-0", max_count=10, block_ms=0)
+    assert (long.trajectory.oldest_version(), long.trajectory.newest_version()) == (10, 12)
+    assert (long.staleness, long.weight) == (2, 1.0)
+    store.append(synthetic_trajectory(1, turns=44, tokens=33_000, version=12, trajectory_id="later"), timeout_s=5)
+    store.staleness.publish_version(15)
+    assert store.read("learner-0", max_count=10, block_ms=0) == []
+    assert store.stats().counters["stale_drop"] == 1
+
+
 def test_filter_uses_the_version_published_at_read_time(make_store):
     store = make_store(staleness=StalenessConfig(max_staleness=1, policy="drop"))
     store.append(synthetic_trajectory(0, turns=4, tokens=200, version=5, trajectory_id="early"), timeout_s=5)
-    store.staleness.publish_version(4)  # oldest version 3: staleness 1, trainable
+    store.staleness.publish_version(4)  # its tokens' version 3: staleness 1, trainable
     [early] = store.read("learner-0", max_count=10, block_ms=0)
     assert (early.trajectory.trajectory_id, early.staleness, early.weight) == ("early", 1, 1.0)
     store.append(synthetic_trajectory(1, turns=4, tokens=200, version=5, trajectory_id="late"), timeout_s=5)
@@ -296,11 +310,11 @@ def test_staleness_is_measured_against_the_version_the_learner_trains_not_the_pu
     store = make_store(staleness=StalenessConfig(max_staleness=2, policy="drop"))
     store.staleness.publish_version(4)                  # actors generate with version 4...
     trajectory = synthetic_trajectory(1, turns=4, tokens=200, version=4)
-    oldest = trajectory.oldest_version()
+    newest = trajectory.newest_version()
     store.append(trajectory)
-    # ...but the learner has already stepped to oldest + 3: one version past max_staleness.
-    assert store.read("learner", 1, block_ms=100, learner_version=oldest + 3) == []
+    # ...but the learner has already stepped to newest + 3: one version past max_staleness.
+    assert store.read("learner", 1, block_ms=100, learner_version=newest + 3) == []
     assert store.stats().counters["stale_drop"] == 1
     store.append(synthetic_trajectory(2, turns=4, tokens=200, version=4))
     [delivery] = store.read("learner", 1, block_ms=100)  # no learner version given: the published one, 4
-    assert delivery.staleness == 4 - delivery.trajectory.oldest_version()
+    assert delivery.staleness == 4 - delivery.trajectory.newest_version()

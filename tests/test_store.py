@@ -41,7 +41,7 @@ def test_a_read_delivers_the_appended_trajectory_exactly(make_store):
     for name in ("token_ids", "loss_mask", "behavior_logprobs", "versions", "turn_offsets"):
         assert np.array_equal(getattr(got, name), getattr(sent, name))
     assert (got.reward, got.reward_parts, got.num_turns) == (sent.reward, sent.reward_parts, 44)
-    assert (delivery.source, delivery.staleness, delivery.weight) == ("new", 5 - sent.oldest_version(), 1.0)
+    assert (delivery.source, delivery.staleness, delivery.weight) == ("new", 5 - sent.newest_version(), 1.0)
 
 
 def test_entries_stay_pending_until_the_step_is_committed(make_store):

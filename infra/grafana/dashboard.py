@@ -169,7 +169,7 @@ ROWS: list[tuple[str, list[Panel]]] = [
     ("Staleness & importance weights", [
         Panel("Staleness at delivery (versions)", [
             (f"sum by (le) (increase(longhaul_buffer_staleness_versions_bucket{{{RUN}}}[{RATE}]))", "{{le}}"),
-        ], kind="heatmap", description="Per trajectory: learner version minus its oldest token's version."),
+        ], kind="heatmap", description="Per trajectory: learner version minus its newest token's version."),
         Panel("Staleness quantiles", [
             *quantiles("longhaul_buffer_staleness_versions", qs=(0.5, 0.9, 0.99)),
             (gauge("longhaul_learner_staleness_mean", "avg"), "batch mean {{run}}"),
