@@ -8,9 +8,9 @@ learner by at most s batches instead of flooding the buffer.
 At train time a trajectory finished by a policy more than s versions old (its newest generated token's version) is
 dropped or down-weighted, by config, and counted either way. Its age counts from the end, not the start: an episode
 of 40+ tool calls spans more learner steps than s, and measured from its first token (as before) every one of them
-was dropped, teaching the policy that long episodes do not exist. Its older tokens are off-policy by more than s;
-the loss's importance weights are per token and take that (VESPO's kernel shrinks a far-off-policy sequence's
-weight). Admission still bounds how far ahead of the learner an episode may start.
+was dropped: long-horizon episodes never trained. Its older tokens are off-policy by more than s; the loss weighs
+each token by its own behaviour logprob (VESPO sums the per-token log-ratios into the sequence weight, and its
+kernel shrinks a far-off-policy sequence's). Admission still bounds how far ahead of the learner an episode starts.
 
 Admissions are also kept per holder (the actor that asked) in a `holdings` hash: +n when admitted, −1 in the same
 transaction as the XADD of each of its trajectories (`TrajectoryStore.append`), −n on `release`. An actor that dies
