@@ -124,7 +124,7 @@ def grade_episodes(tasks: list[TaskInfo], trajectories: list[Trajectory]) -> Eva
     for task, score in zip(tasks, exact, strict=True):
         by_hops.setdefault(task.hops, []).append(score)
     oldest = [t.oldest_version() for t in trajectories if t.oldest_version() >= 0]
-    newest = [int(t.versions.max()) for t in trajectories]  # -1 off the mask: the max is over generated tokens
+    newest = [t.newest_version() for t in trajectories]
     return EvalResult(
         episodes=n, success_rate=sum(exact) / n, mean_f1=sum(t.reward_parts.get("f1", 0.0) for t in trajectories) / n,
         mean_tool_calls=sum(t.num_tool_calls for t in trajectories) / n,
