@@ -144,10 +144,11 @@ def choose_tasks(world: SearchWorld, mix: DemonstrationMix, seed: int) -> list[T
 
 
 async def demonstrate(world: SearchWorld, tasks: list[Task], *, tools: ToolClient, chat: ChatFormat, tokenizer,
-                      agent: AgentConfig, top_k: int, seed: int = 0,
+                      agent: AgentConfig, top_k: int, seed: int = 0, first_index: int = 0,
                       concurrency: int = 32) -> list[Trajectory]:
     """Play each task with the expert through `run_episode` and the tool server behind `tools` (which must serve
-    `world`); one trajectory per task, in order. Task i's detours come from seed and i alone."""
+    `world`); one trajectory per task, in order. Task i's detours and id come from seed and `first_index` + i
+    alone, so that a list of tasks played in parts, each from its own index, gives the records played whole."""
     slots = asyncio.Semaphore(concurrency)
 
     async def play(index: int, task: Task) -> Trajectory:
@@ -162,4 +163,4 @@ async def demonstrate(world: SearchWorld, tasks: list[Task], *, tools: ToolClien
         trajectory.trajectory_id = f"demo-{seed}-{index:06d}"
         return trajectory
 
-    return list(await asyncio.gather(*(play(i, task) for i, task in enumerate(tasks))))
+    return list(await asyncio.gather(*(play(i, task) for i, task in enumerate(tasks, start=first_index))))

@@ -139,9 +139,10 @@ def _constraints(deliveries: list[Delivery], rows: list[int],
     return Constraints(torch.cat(row_ids), torch.cat(columns), torch.cat(bitmasks)), refused
 
 
-def policy_logprobs(model: torch.nn.Module, mb: MicroBatch) -> tuple[torch.Tensor, torch.Tensor]:
+def policy_logprobs(model: torch.nn.Module, mb: MicroBatch, *,
+                    with_entropy: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
     """log π of each trained token of `mb` under `model`, and the entropy of each one's next-token distribution (no
-    gradient); both [rows, length − 1], 0 off the loss mask.
+    gradient; None without `with_entropy`); both [rows, length − 1], 0 off the loss mask.
 
     Only trained positions reach the output layer: a pre-hook hands it their hidden states alone. Generated tokens
     are a small share of an agent's episode (18 % of the default warm-up's tokens, the rest observations and
@@ -161,28 +162,35 @@ def policy_logprobs(model: torch.nn.Module, mb: MicroBatch) -> tuple[torch.Tenso
         at = position[mb.constrained.rows, mb.constrained.columns]
         kept = at >= 0  # a constrained token off the loss mask trains nothing
         admitted = (at[kept], unpack_bitmask(mb.constrained.bitmask[kept], logits.shape[-1]))
-    logp, entropy = token_logprobs(logits, mb.input_ids[rows, columns + 1], admitted)
-    scattered = [torch.zeros(mb.loss_mask.shape, dtype=logp.dtype, device=logp.device).index_put((rows, columns), x)
-                 for x in (logp, entropy)]
-    return scattered[0], scattered[1]
+    logp, entropy = token_logprobs(logits, mb.input_ids[rows, columns + 1], admitted, with_entropy=with_entropy)
+
+    def scatter(x: torch.Tensor) -> torch.Tensor:
+        return torch.zeros(mb.loss_mask.shape, dtype=x.dtype, device=x.device).index_put((rows, columns), x)
+
+    return scatter(logp), (scatter(entropy) if entropy is not None else None)
 
 
 def token_logprobs(logits: torch.Tensor, targets: torch.Tensor,
-                   admitted: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """log π of each target token, and the entropy of each next-token distribution (no gradient).
+                   admitted: tuple[torch.Tensor, torch.Tensor] | None = None, *,
+                   with_entropy: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """log π of each target token, and the entropy of each next-token distribution (no gradient; None without
+    `with_entropy`, which saves a pass over the [P, vocab] distribution that a loss without an entropy term skips).
 
     `logits` [P, vocab] are the model's outputs at the positions predicting `targets` [P]; both results are [P].
     With `admitted` = (indices [C], mask [C, vocab] bool), the C positions at `indices` are of the distribution
     renormalised over their admitted tokens, the one the engine sampled under its grammar."""
     logp_all = torch.log_softmax(logits.float(), dim=-1)
     logp = logp_all.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-    with torch.no_grad():
-        entropy = -(logp_all.exp() * logp_all).sum(-1)
+    entropy = None
+    if with_entropy:
+        with torch.no_grad():
+            entropy = -(logp_all.exp() * logp_all).sum(-1)
     if admitted is not None and len(admitted[0]):
         indices, allowed = admitted
         masked = torch.log_softmax(logits[indices].float().masked_fill(~allowed, -torch.inf), dim=-1)
         logp = logp.index_put((indices,), masked.gather(-1, targets[indices, None]).squeeze(-1))
-        with torch.no_grad():
-            p_logp = torch.where(allowed, masked.exp() * masked, torch.zeros((), device=masked.device))
-            entropy = entropy.index_put((indices,), -p_logp.sum(-1))
+        if entropy is not None:
+            with torch.no_grad():
+                p_logp = torch.where(allowed, masked.exp() * masked, torch.zeros((), device=masked.device))
+                entropy = entropy.index_put((indices,), -p_logp.sum(-1))
     return logp, entropy

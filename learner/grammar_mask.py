@@ -7,10 +7,19 @@ by the log of the mass its policy puts on admitted tokens, on every constrained 
 importance ratio collapses (measured on the warmed-up tiny model: log π − log μ of −50 to −130 per episode at
 staleness 0). So the learner replays each constrained turn through the same grammar compiler vLLM uses (xgrammar,
 compact JSON, the request's stop tokens), and renormalises its own logits over the same admitted sets.
+
+Compiling a turn's schema is most of that replay's cost (xgrammar precomputes masks for every state of the grammar:
+~6 ms for an argument-choices schema, each one new), and the learner would spend it on every constrained turn it
+trains. An argument-choices schema admits a finite set of calls, so its masks follow from the texts of those calls
+alone: a token is admitted where its bytes continue one of them, a stop token where one is complete. Schemas of
+exactly that shape take that path (bit for bit the masks xgrammar computes: `tests/test_grammar_mask.py`); any other
+goes through xgrammar.
 """
 
 from __future__ import annotations
 
+import json
+import re
 from functools import lru_cache
 from pathlib import Path
 
@@ -25,6 +34,9 @@ from longhaul.trajectory import Trajectory
 # grammar admits all of them once the JSON is complete.
 TURN_STOP_TOKENS = (IM_END, TOOL_CALL_END)
 
+# What JSON writes inside a string as it is: printable ASCII but the quote and the backslash.
+_VERBATIM = re.compile(r'[ !#-\[\]-~]*')
+
 
 class GrammarMasks:
     """Admitted-token bitmasks of the constrained turns of trajectories, for one model's tokenizer."""
@@ -36,6 +48,14 @@ class GrammarMasks:
         self.vocab_size = vocab_size
         self.stop_token_ids = sorted(set(stop_token_ids))
         info = xgrammar.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size)
+        # Each token's bytes, as xgrammar matches them (a stop token only ends a turn: it writes nothing).
+        self._token_bytes = [bytes(b) for b in info.decoded_vocab[:vocab_size]]
+        self._tokens_by_bytes: dict[bytes, list[int]] = {}
+        for token, text in enumerate(self._token_bytes):
+            if text and token not in self.stop_token_ids:
+                self._tokens_by_bytes.setdefault(text, []).append(token)
+        self._longest_token = max(map(len, self._tokens_by_bytes), default=1)
+        self._token_prefixes = {text[:end] for text in self._tokens_by_bytes for end in range(1, len(text) + 1)}
         compiler = xgrammar.GrammarCompiler(info, cache_enabled=True)
         # A step's turns repeat few schemas (the plain tool-call one) among many one-off argument-choice ones.
         self._compile = lru_cache(maxsize=4096)(
@@ -88,6 +108,52 @@ class GrammarMasks:
     def bitmask(self, schema: str, tokens: list[int]) -> torch.Tensor:
         """The int32 bitmask [len(tokens), ceil(vocab/32)] of what `schema` admitted before each of `tokens`, written
         in order from the start of a turn. Raises ValueError if it refuses one of them."""
+        calls = choice_calls(schema)
+        return self._replay(schema, tokens) if calls is None else self._replay_calls(calls, schema, tokens)
+
+    def _replay_calls(self, calls: list[bytes], schema: str, tokens: list[int]) -> torch.Tensor:
+        """`bitmask` of a grammar whose language is the finite set `calls`."""
+        rows: list[int] = []
+        admitted: list[int] = []
+        written = 0  # bytes of the turn so far, a prefix of every call in `calls`
+        for row, token in enumerate(tokens):
+            # What the calls still open can write next, as far as the longest token reaches; a complete one may stop.
+            windows = {call[written:written + self._longest_token] for call in calls}
+            before = len(admitted)
+            for window in windows:
+                for end in range(1, len(window) + 1):
+                    piece = window[:end]
+                    if piece not in self._token_prefixes:
+                        break
+                    admitted += self._tokens_by_bytes.get(piece, ())
+            complete = b"" in windows
+            if complete:
+                admitted += self.stop_token_ids
+            rows += [row] * (len(admitted) - before)
+            if token in self.stop_token_ids:
+                if not complete:
+                    raise self._refused(token, row, schema)
+                if row + 1 < len(tokens):
+                    raise ValueError("generated tokens after the grammar's stop token")
+                break
+            piece = self._token_bytes[token] if 0 <= token < self.vocab_size else b""
+            calls = [call for call in calls if call.startswith(piece, written)] if piece else []
+            if not calls:
+                raise self._refused(token, row, schema)
+            written += len(piece)
+        bits = np.zeros((len(tokens), -(-self.vocab_size // 32)), dtype=np.uint32)
+        ids = np.asarray(admitted, dtype=np.int64)
+        np.bitwise_or.at(bits, (np.asarray(rows, dtype=np.int64), ids >> 5),
+                         np.left_shift(np.uint32(1), (ids & 31).astype(np.uint32)))
+        return torch.from_numpy(bits.view(np.int32))
+
+    @staticmethod
+    def _refused(token: int, row: int, schema: str) -> ValueError:
+        return ValueError(f"token {token}, the turn's generated token {row}, is not admitted by its grammar "
+                          f"{schema:.120}")
+
+    def _replay(self, schema: str, tokens: list[int]) -> torch.Tensor:
+        """`bitmask` through xgrammar: the schema compiled, and a matcher walked along `tokens`."""
         matcher = self._xgr.GrammarMatcher(self._compile(schema), override_stop_tokens=self.stop_token_ids)
         bitmask = self._xgr.allocate_token_bitmask(len(tokens), self.vocab_size)
         for row, token in enumerate(tokens):
@@ -96,9 +162,34 @@ class GrammarMasks:
                 raise ValueError("generated tokens after the grammar's stop token")
             matcher.fill_next_token_bitmask(bitmask, row)
             if not matcher.accept_token(token):
-                raise ValueError(f"token {token}, the turn's generated token {row}, is not admitted by its grammar "
-                                 f"{schema:.120}")
+                raise self._refused(token, row, schema)
         return bitmask
+
+
+def choice_calls(schema: str) -> list[bytes] | None:
+    """Every call an argument-choices schema (`ArgumentChoices.schema`, serialised) admits, as the compact JSON the
+    engine writes it in; None for a schema of any other shape, or one naming a string JSON would escape."""
+    try:
+        spec = json.loads(schema)
+        if spec.keys() != {"anyOf"}:
+            return None
+        calls = []
+        for alternative in spec["anyOf"]:
+            properties = alternative["properties"]
+            name, arguments = properties["name"]["const"], properties["arguments"]
+            [argument] = arguments["required"]
+            choices = arguments["properties"][argument]["enum"]
+            expected = {"type": "object", "additionalProperties": False, "required": ["name", "arguments"],
+                        "properties": {"name": {"const": name}, "arguments": {
+                            "type": "object", "additionalProperties": False, "required": [argument],
+                            "properties": {argument: {"enum": choices}}}}}
+            strings = [name, argument, *choices]
+            if alternative != expected or not all(isinstance(x, str) and _VERBATIM.fullmatch(x) for x in strings):
+                return None
+            calls += [f'{{"name":"{name}","arguments":{{"{argument}":"{choice}"}}}}'.encode() for choice in choices]
+    except (ValueError, TypeError, KeyError, AttributeError):
+        return None
+    return calls or None
 
 
 def unpack_bitmask(bitmask: torch.Tensor, vocab_size: int) -> torch.Tensor:

@@ -92,7 +92,7 @@ def sft_loss(model, micro_batches: list[MicroBatch], *, backward: bool) -> tuple
     total = 0.0
     for mb, mask in zip(micro_batches, masks, strict=True):
         with torch.set_grad_enabled(backward):
-            logp, _ = policy_logprobs(model, mb)
+            logp, _ = policy_logprobs(model, mb, with_entropy=False)
             loss = -(logp * mask).sum() / valid
         if backward:
             loss.backward()
@@ -125,8 +125,8 @@ def warm_up(base_model_dir: str | Path, out_dir: str | Path, trajectories: list[
     losses: list[float] = []
     tokens_trained = 0
     batches = (batch for _ in range(config.epochs) for batch in _batches(trajectories, config.batch_tokens, rng))
-    # The next step's batch is packed while this one trains: replaying its grammars is CPU work (xgrammar compiles
-    # each turn's schema, ~4 ms) that would otherwise add half a step.
+    # The next step's batch is packed while this one trains: replaying its grammars is CPU work (~0.6 ms a
+    # constrained turn, 0.1 s a step; it was 0.8 s while every turn's schema went through xgrammar's compiler).
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="warmup-pack") as packer:
         def pack(batch: list[Trajectory]) -> Future[list[MicroBatch]]:
             return packer.submit(pack_demonstrations, batch, config.micro_batch_tokens, grammars)

@@ -469,7 +469,7 @@ class LearnerConfig(_Section):
 
     total_steps: int = Field(default=30, ge=1)
     """Length of the run in learner steps; `longhaul train` stops there. The default fits the embedded run in about
-    15 minutes on 2 CPU cores, warm-up included; a real run sets its own (configs/gpu.yaml)."""
+    16 minutes on 2 CPU cores, warm-up included (2–4 of them RL); a real run sets its own (configs/gpu.yaml)."""
 
     max_grad_norm: float = Field(default=1.0, gt=0)
     """Global gradient-norm clip."""
@@ -643,7 +643,7 @@ class WarmupConfig(_Section):
     max_steps: int = Field(default=460, ge=1)
     """Optimizer steps at most. The default's budget: a fixed number of steps, so that the warmed-up policy does not
     depend on how fast the machine is (held-out success after 356 steps 2.4 %, after 455 steps 8.8 %;
-    docs/benchmarks.md, "Learning"); about 8 minutes on 2 CPU cores."""
+    docs/benchmarks.md, "Learning"); about 10 minutes on 2 CPU cores (0.77 steps/s)."""
 
     learning_rate: float = Field(default=3e-3, gt=0)
     """Peak AdamW rate; it decays to 10 % (cosine) by the last step or the end of `time_budget_s`, whichever comes

@@ -27,6 +27,8 @@ import os
 import sys
 import threading
 import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -119,6 +121,11 @@ class TrainingRun:
             self._start_ray(stack)
             tool_address = self._start_tool_server(stack)
             print(f"  tools      {tool_address}", flush=True)
+            # The learner loads beside the engines' start and the first evaluation: it trains nothing before
+            # `pool.reconcile` below sends its weights.
+            launcher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="learner-start")
+            stack.callback(launcher.shutdown, wait=False)
+            starting_learner = launcher.submit(RemoteLearner, self.config, model_dir, redis_url)
             pool = self._pool = self._start_actors(stack, model_dir, redis_url, tool_address, store)
             # After Ray and the actors are up: Ray forks its processes at start, and a gRPC server already serving
             # in this process makes every fork log a warning.
@@ -130,7 +137,7 @@ class TrainingRun:
             if config.evaluation.at_start and not self.resume:
                 # Before the first rollout, so the starting policy has the engine to itself and plays as version 0.
                 self._evaluate(pool.members()[0], step=0)
-            learner = RemoteLearner(self.config, model_dir, redis_url)
+            learner = starting_learner.result()
             self._learner, self._store = learner, store
             self._metrics_targets["learner"] = [learner.metrics_address]
             pool.reconcile(learner)  # opens the weight-sync group, sends the weights, and the actors begin
@@ -143,7 +150,9 @@ class TrainingRun:
                 if (evaluated := self._evaluations.wait(self.stop_requested)) is not None:  # one from the loop
                     print(f"  held-out   {describe(evaluated)}", flush=True)
                 if running := [m for m in pool.members() if m.state == "running"]:
-                    self._evaluate(running[0], step=learner.step)
+                    # The drain runs beside the final evaluation, not after it; with no new groups admitted, the
+                    # evaluation soon has the engine to itself.
+                    self._evaluate(running[0], step=learner.step, then=pool.begin_stop)
             learner.finish()
             print(f"stopped at step {learner.step}; draining the actors ...", flush=True)
         self._state = "stopped"
@@ -322,11 +331,14 @@ class TrainingRun:
                                         **figures})
         print(f"  held-out   {describe(record)}", flush=True)
 
-    def _evaluate(self, member, step: int) -> None:
-        """Evaluate on `member` and wait for the result (or a stop request)."""
+    def _evaluate(self, member, step: int, then: Callable[[], None] | None = None) -> None:
+        """Evaluate on `member` and wait for the result (or a stop request); `then`, if given, runs once the
+        evaluation is asked for."""
         print(f"  held-out   evaluating the policy of step {step} on {self.config.evaluation.tasks or 'all'} test "
               f"tasks ({member.actor_id}) ...", flush=True)
         self._evaluations.request(member.handle, member.actor_id, step)
+        if then is not None:
+            then()
         if (record := self._evaluations.wait(self.stop_requested)) is not None:
             print(f"  held-out   {describe(record)}", flush=True)
 

@@ -166,6 +166,13 @@ class ActorPool:
             ray.wait(pings, num_returns=len(pings), timeout=self.config.train.health_timeout_s)
         return self.reconcile(learner)
 
+    def begin_stop(self) -> None:
+        """Have every running actor stop admitting groups and start draining, without waiting: `stop` waits. An
+        evaluation asked of an actor before this still runs to its end on that actor's engine."""
+        for member in self.members():
+            if member.state == "running":
+                member.state, member.since, member.pending = "draining", time.monotonic(), member.handle.stop.remote()
+
     def stop(self) -> int:
         """Drain every actor (episodes in flight finish and land in the buffer) and end them; returns the
         trajectories they appended in this session."""

@@ -34,13 +34,13 @@ def tokenizer(tiny_model_dir):
     return AutoTokenizer.from_pretrained(tiny_model_dir)
 
 
-def play(world, tasks, tokenizer, *, agent=AGENT, seed=0):
+def play(world, tasks, tokenizer, *, agent=AGENT, seed=0, first_index=0):
     async def scenario():
         server, port = await serve(ToolServiceConfig(), world)
         try:
             async with ToolClient(f"127.0.0.1:{port}", ToolServiceConfig()) as tools:
                 return await demonstrate(world, tasks, tools=tools, chat=ChatFormat(tokenizer), tokenizer=tokenizer,
-                                         agent=agent, top_k=TOP_K, seed=seed)
+                                         agent=agent, top_k=TOP_K, seed=seed, first_index=first_index)
         finally:
             await server.stop(0)
 
@@ -152,6 +152,17 @@ def test_demonstrations_are_deterministic_from_the_seed_and_detours_change_with_
     assert any(expert_calls(world, t, random.Random(0), top_k=TOP_K) != expert_calls(world, t, random.Random(1),
                                                                                         top_k=TOP_K)
                for t in tasks)
+
+
+def test_tasks_played_in_parts_from_their_own_index_give_the_records_played_whole(world, tokenizer):
+    tasks = choose_tasks(world, DemonstrationMix(count=5, hop_weights={2: 1, 16: 1}), seed=3)
+    whole = play(world, tasks, tokenizer, seed=3)
+    parts = play(world, tasks[:2], tokenizer, seed=3) + play(world, tasks[2:], tokenizer, seed=3, first_index=2)
+    assert [d.trajectory_id for d in parts] == [d.trajectory_id for d in whole]
+    assert [d.token_ids.tolist() for d in parts] == [d.token_ids.tolist() for d in whole]
+    # The index is what draws the detours: the tail played from index 0 is another set of records.
+    assert [d.trajectory_id for d in play(world, tasks[2:], tokenizer, seed=3)] != [d.trajectory_id
+                                                                                    for d in whole[2:]]
 
 
 def test_constrained_demonstrations_write_compact_json_and_end_their_turn_as_the_grammar_does(world, tokenizer):

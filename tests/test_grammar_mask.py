@@ -12,7 +12,7 @@ import torch
 from longhaul.actors.agent_loop import ChatFormat
 from longhaul.buffer.store import Delivery
 from longhaul.learner.batch import pack_micro_batches, token_logprobs
-from longhaul.learner.grammar_mask import GrammarMasks, unpack_bitmask
+from longhaul.learner.grammar_mask import GrammarMasks, choice_calls, unpack_bitmask
 from longhaul.learner.metrics import GRAMMAR_REFUSED
 from longhaul.trajectory import Trajectory
 
@@ -101,6 +101,80 @@ def test_a_token_its_grammar_refuses_makes_the_trajectory_train_with_weight_zero
     assert "trajectory t1 trains with weight 0: turn 0: token" in caplog.text
     # Only the accepted trajectory's tokens carry constraints.
     assert set(mb.constrained.rows.tolist()) == {1}
+
+
+def xgrammar_bitmask(tokenizer, vocab: int, stops: list[int], schema: str, tokens: list[int]) -> torch.Tensor | str:
+    """The reference: `tokens` walked through xgrammar's compiled `schema`, as vLLM masks a turn; the refusal as a
+    string."""
+    import xgrammar
+
+    info = xgrammar.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab)
+    compiled = xgrammar.GrammarCompiler(info).compile_json_schema(schema, any_whitespace=False, separators=(",", ":"))
+    matcher = xgrammar.GrammarMatcher(compiled, override_stop_tokens=stops)
+    bitmask = xgrammar.allocate_token_bitmask(len(tokens), vocab)
+    for row, token in enumerate(tokens):
+        if matcher.is_terminated():
+            return "after the stop token"
+        matcher.fill_next_token_bitmask(bitmask, row)
+        if not matcher.accept_token(token):
+            return f"refused {row}"
+    return bitmask
+
+
+def test_argument_choice_turns_get_bit_for_bit_the_masks_xgrammar_computes_and_the_same_refusals(setting):
+    from longhaul.actors.argument_choices import ArgumentChoices
+    from longhaul.actors.search_world import SearchWorld
+    from tests.conftest import SMALL_WORLD
+
+    tokenizer, chat, grammars, vocab = setting
+    world = SearchWorld.generate(SMALL_WORLD)
+    task = world.tasks()[0]
+    choices = ArgumentChoices(task.question)
+    schemas = [choices.schema(["search", "open", "answer"])]  # only search has choices before any search
+    hits = world.search(task.question)
+    choices.saw_hits(hits, "\n".join(f"{hit.doc_id} {hit.title}: {hit.snippet}" for hit in hits))
+    schemas.append(choices.schema(["search", "open", "answer"]))
+    choices.saw_page(hits[0].doc_id, world.open(hits[0].doc_id))
+    schemas.append(choices.schema(["search", "open", "answer"]))
+    single_byte = {tokenizer.decode([t]): t for t in range(vocab) if len(tokenizer.decode([t]).encode()) == 1}
+    checked = refused = 0
+    for schema in (json.dumps(s, separators=(",", ":")) for s in schemas):
+        calls = choice_calls(schema)
+        assert calls is not None
+        for call in calls:
+            text = call.decode()
+            # The tokenizer's own spelling of the call, and the same text one byte per token.
+            for spelled in (tokenizer.encode(text, add_special_tokens=False), [single_byte[c] for c in text]):
+                for tokens in (spelled + [chat.im_end],  # the call, then the stop: admitted
+                               spelled[:-3] + [chat.im_end],  # stopped before the call is complete: refused
+                               spelled + [chat.im_end, spelled[0]],  # a token after the stop: refused
+                               spelled[:2] + [single_byte["x"]] + spelled[3:]):  # off every call: refused
+                    expected = xgrammar_bitmask(tokenizer, vocab, grammars.stop_token_ids, schema, tokens)
+                    if isinstance(expected, str):
+                        with pytest.raises(ValueError):
+                            grammars.bitmask(schema, tokens)
+                        refused += 1
+                    else:
+                        assert torch.equal(grammars.bitmask(schema, tokens), expected), text
+                    checked += 1
+    assert checked >= 200 and refused >= checked / 2
+
+
+def test_schemas_of_any_other_shape_are_left_to_xgrammar():
+    from longhaul.actors.agent_loop import tool_call_schema
+
+    def compact(schema) -> str:
+        return json.dumps(schema, separators=(",", ":"))
+
+    assert choice_calls(compact(SCHEMA)) == [b'{"name":"open","arguments":{"doc_id":"d0001"}}',
+                                             b'{"name":"open","arguments":{"doc_id":"d0002"}}']
+    quoted = json.loads(compact(SCHEMA))
+    quoted["anyOf"][0]["properties"]["arguments"]["properties"]["doc_id"]["enum"] = ['say "hi"']
+    extra = json.loads(compact(SCHEMA))
+    extra["anyOf"][0]["properties"]["arguments"]["properties"]["doc_id"]["maxLength"] = 3
+    for schema in (tool_call_schema(("search", "open", "answer")), quoted, extra, {**SCHEMA, "title": "call"}):
+        assert choice_calls(compact(schema)) is None
+    assert choice_calls("not json") is None
 
 
 def test_constrained_logprobs_and_entropy_renormalise_over_the_admitted_tokens_and_pass_gradients():

@@ -66,6 +66,20 @@ def test_token_logprobs_equal_a_log_softmax_gather_and_entropy_is_exact():
     torch.testing.assert_close(entropy, -(probs * probs.log()).sum(-1))
 
 
+def test_without_entropy_the_log_probs_are_the_same_and_no_entropy_is_computed():
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(9, 11, generator=generator)
+    targets = torch.randint(0, 11, (9,), generator=generator)
+    allowed = torch.rand(3, 11, generator=generator) < 0.5
+    allowed[torch.arange(3), targets[[1, 4, 7]]] = True  # every sampled token is one its grammar admitted
+    admitted = (torch.tensor([1, 4, 7]), allowed)
+
+    logp, entropy = token_logprobs(logits, targets, admitted, with_entropy=False)
+
+    torch.testing.assert_close(logp, token_logprobs(logits, targets, admitted)[0], rtol=0, atol=0)
+    assert entropy is None
+
+
 def test_policy_logprobs_score_exactly_the_trained_tokens_with_the_gradient_of_a_full_forward_pass():
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
