@@ -14,7 +14,6 @@ baseline time / measured time, reported as the median with the min–max.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import statistics
 import time
@@ -44,31 +43,16 @@ def main() -> None:
     import xgrammar
     from transformers import AutoConfig, AutoTokenizer
 
-    from longhaul.actors.agent_loop import ChatFormat
-    from longhaul.actors.demonstrations import DemonstrationMix, choose_tasks, demonstrate
-    from longhaul.actors.search_world import SearchWorld
     from longhaul.actors.tiny_model import ensure_run_model
-    from longhaul.actors.tool_service import ToolClient, serve
     from longhaul.config import LonghaulConfig
     from longhaul.learner.grammar_mask import GrammarMasks
+    from longhaul.warm_start import play_demonstrations
 
     config = LonghaulConfig()
+    config = config.model_copy(update={"warmup": config.warmup.model_copy(update={"demonstrations": args.episodes})})
     model_dir = ensure_run_model(config.model, config.world)
-    world = SearchWorld.generate(config.world)
-    tasks = choose_tasks(world, DemonstrationMix(args.episodes, config.warmup.hop_weights), seed=0)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    tools_config = config.tools.model_copy(update={"simulated_latency_s": 0.0, "deadline_s": 600.0})
-
-    async def play():
-        server, port = await serve(tools_config, world)
-        try:
-            async with ToolClient(f"127.0.0.1:{port}", tools_config) as tools:
-                return await demonstrate(world, tasks, tools=tools, chat=ChatFormat(tokenizer), tokenizer=tokenizer,
-                                         agent=config.agent, top_k=tools_config.search_top_k)
-        finally:
-            await server.stop(0)
-
-    episodes = asyncio.run(play())
+    episodes = play_demonstrations(config, model_dir)  # the warm-up's own expert, on the first of its tasks
     turns = []
     for episode in episodes:
         offsets = episode.turn_offsets

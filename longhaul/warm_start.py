@@ -53,7 +53,7 @@ def warm_start(config: LonghaulConfig, base_model_dir: Path, *, report: Callable
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     parts = min(cores, _MAX_EXPERT_PROCESSES)
     with ProcessPoolExecutor(max_workers=parts, mp_context=multiprocessing.get_context("spawn")) as expert:
-        pending = [expert.submit(_demonstrations, config, base_model_dir, part, parts) for part in range(parts)]
+        pending = [expert.submit(play_demonstrations, config, base_model_dir, part, parts) for part in range(parts)]
         if before is not None:
             before(base_model_dir)
         demonstrations = [d for share in pending for d in share.result()]
@@ -77,9 +77,9 @@ def warm_start(config: LonghaulConfig, base_model_dir: Path, *, report: Callable
     return out_dir
 
 
-def _demonstrations(config: LonghaulConfig, model_dir: Path, part: int, parts: int):
-    """Share `part` of `parts` of the run's demonstrations: a contiguous slice of its tasks, as they would be
-    played whole."""
+def play_demonstrations(config: LonghaulConfig, model_dir: Path, part: int = 0, parts: int = 1):
+    """Share `part` of `parts` of the run's demonstrations (`config.warmup`): a contiguous slice of its tasks, as
+    they would be played whole."""
     from transformers import AutoTokenizer
 
     from longhaul.actors.agent_loop import ChatFormat
