@@ -147,12 +147,17 @@ def policy_logprobs(model: torch.nn.Module, mb: MicroBatch, *,
     Only trained positions reach the output layer: a pre-hook hands it their hidden states alone. Generated tokens
     are a small share of an agent's episode (18 % of the default warm-up's tokens, the rest observations and
     prompts), and the output layer with its log-softmax is most of a small model's compute (measured: a default
-    warm-up step 1.2 s → 0.7 s). The hook runs inside the model's own forward, so FSDP's hooks around it are kept."""
+    warm-up step 1.2 s → 0.7 s). The hook runs inside the model's own forward, so FSDP's hooks around it are kept.
+
+    The model gets no padding mask: rows are right-padded, so under causal attention no real token sees a padding
+    token, and the outputs at real tokens, the only ones read, are those of each sequence alone. Without a mask the
+    attention kernel runs causal (it skips the blocks above the diagonal and builds no [rows, L, L] mask): the
+    forward and backward of a default warm-up step take 1/1.13 of the time on CPU, with the same log-probs."""
     rows, columns = mb.loss_mask.nonzero(as_tuple=True)
     hook = model.get_output_embeddings().register_forward_pre_hook(
         lambda _module, args: (args[0][rows, columns], *args[1:]))
     try:
-        logits = model(input_ids=mb.input_ids, attention_mask=mb.attention_mask).logits
+        logits = model(input_ids=mb.input_ids).logits
     finally:
         hook.remove()
     admitted = None

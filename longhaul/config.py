@@ -468,8 +468,8 @@ class LearnerConfig(_Section):
     """After warm-up: hold the peak rate, or decay it to 10 % of the peak by `total_steps` (cosine)."""
 
     total_steps: int = Field(default=30, ge=1)
-    """Length of the run in learner steps; `longhaul train` stops there. The default fits the embedded run in about
-    16 minutes on 2 CPU cores, warm-up included (2–4 of them RL); a real run sets its own (configs/gpu.yaml)."""
+    """Length of the run in learner steps; `longhaul train` stops there. The default fits the embedded run in 15–18
+    minutes on 2 CPU cores, warm-up included (about 3 of them RL); a real run sets its own (configs/gpu.yaml)."""
 
     max_grad_norm: float = Field(default=1.0, gt=0)
     """Global gradient-norm clip."""
@@ -643,7 +643,7 @@ class WarmupConfig(_Section):
     max_steps: int = Field(default=460, ge=1)
     """Optimizer steps at most. The default's budget: a fixed number of steps, so that the warmed-up policy does not
     depend on how fast the machine is (held-out success after 356 steps 2.4 %, after 455 steps 8.8 %;
-    docs/benchmarks.md, "Learning"); about 10 minutes on 2 CPU cores (0.77 steps/s)."""
+    docs/benchmarks.md, "Learning"); 9–11 minutes on 2 CPU cores (0.70–0.82 steps/s, by the machine's hour)."""
 
     learning_rate: float = Field(default=3e-3, gt=0)
     """Peak AdamW rate; it decays to 10 % (cosine) by the last step or the end of `time_budget_s`, whichever comes
@@ -700,16 +700,18 @@ class EvaluationConfig(_Section):
     at_end: bool = True
     """Evaluate the final policy when the run reaches `learner.total_steps` (not after a stop request)."""
 
-    max_turns: int | None = Field(default=24, ge=1)
+    max_turns: int | None = Field(default=16, ge=1)
     """Turns of an evaluation episode (`agent.max_turns` for None). The default's held-out tasks take the expert 11
-    tool calls at most; an untrained policy wanders to the limit on almost every one, and 64 turns made the
-    evaluation before the warm-up cost 180-240 s of the default run (88 s at 24)."""
+    tool calls at most, and the default run's trained policies answer them within 11 (the same success rate at 16
+    and at 24 turns, two runs' final models). An untrained policy wanders to the limit on almost every one: 64
+    turns made the evaluation before the warm-up cost 180-240 s of the default run, 24 about 100 s."""
 
     temperature: float = Field(default=0.0, ge=0)
     """Sampling temperature of the evaluation episodes: 0 is greedy, so the same weights play the same episodes."""
 
-    concurrency: int = Field(default=64, ge=1)
-    """Evaluation episodes in flight at once."""
+    concurrency: int = Field(default=128, ge=1)
+    """Evaluation episodes in flight at once: the default's 125 test tasks in one wave, with no tail of a second
+    (the model before the warm-up: 103 s against 116 s at 64)."""
 
 
 class LonghaulConfig(_Section):

@@ -89,6 +89,7 @@ def test_policy_logprobs_score_exactly_the_trained_tokens_with_the_gradient_of_a
     trajectories = [_trajectory(i, "g", tokens) for i, tokens in enumerate([40, 25])]
     trajectories = [dataclasses.replace(t, token_ids=t.token_ids % 64) for t in trajectories]  # the model's vocabulary
     [mb] = pack_micro_batches([_delivery(t) for t in trajectories], torch.zeros(2), micro_batch_tokens=10_000)
+    assert not mb.attention_mask[1].all()  # the shorter row is padded: scored with no mask, as if it were alone
 
     logp, entropy = policy_logprobs(model, mb)
     (logp * mb.loss_mask).sum().backward()
