@@ -37,7 +37,7 @@ class MicroBatch:
     input_ids: torch.Tensor
     """[rows, length] int64, right-padded with 0."""
     attention_mask: torch.Tensor
-    """[rows, length] int64: 1 on real tokens."""
+    """[rows, length] int64: 1 on real tokens. It counts them; the model is given none (`policy_logprobs`)."""
     loss_mask: torch.Tensor
     """[rows, length − 1] float32: 1 on generated tokens to train."""
     behavior_logp: torch.Tensor
