@@ -27,6 +27,8 @@ from longhaul.learner.metrics import GRAMMAR_REFUSED
 
 logger = logging.getLogger(__name__)
 
+_OUTPUT_ROWS_MULTIPLE = 256
+
 
 @dataclass(frozen=True, slots=True)
 class MicroBatch:
@@ -71,15 +73,18 @@ class Constraints:
 
 
 def pack_micro_batches(deliveries: list[Delivery], advantages: torch.Tensor, micro_batch_tokens: int,
-                       grammars: GrammarMasks | None = None) -> list[MicroBatch]:
+                       grammars: GrammarMasks | None = None, *, length_multiple: int = 1) -> list[MicroBatch]:
     """Split a step's batch into padded micro-batches of at most `micro_batch_tokens` (padded) tokens each.
 
     With `grammars`, the constrained turns of each trajectory get their admitted-token masks; without, every token
-    is scored over the whole vocabulary (what the warm-up's teacher forcing wants)."""
+    is scored over the whole vocabulary (what the warm-up's teacher forcing wants). Each micro-batch's padded length
+    is a multiple of `length_multiple` (see `WarmupConfig.compute_dtype` for why a pass would want that)."""
     if len(deliveries) != len(advantages):
         raise ValueError(f"{len(deliveries)} deliveries but {len(advantages)} advantages")
-    lengths = [len(d.trajectory.token_ids) for d in deliveries]
-    order = sorted(range(len(deliveries)), key=lambda i: (-lengths[i], i))
+    if length_multiple < 1:
+        raise ValueError(f"length_multiple must be at least 1, got {length_multiple}")
+    lengths = [-(-len(d.trajectory.token_ids) // length_multiple) * length_multiple for d in deliveries]
+    order = sorted(range(len(deliveries)), key=lambda i: (-len(deliveries[i].trajectory.token_ids), i))
     groups: list[list[int]] = []
     for index in order:
         # Longest first, so the first row of a micro-batch sets its padded length.
@@ -87,12 +92,11 @@ def pack_micro_batches(deliveries: list[Delivery], advantages: torch.Tensor, mic
             groups[-1].append(index)
         else:
             groups.append([index])
-    return [_pad(deliveries, advantages, rows, grammars) for rows in groups]
+    return [_pad(deliveries, advantages, rows, grammars, lengths[rows[0]]) for rows in groups]
 
 
 def _pad(deliveries: list[Delivery], advantages: torch.Tensor, rows: list[int],
-         grammars: GrammarMasks | None) -> MicroBatch:
-    length = max(len(deliveries[i].trajectory.token_ids) for i in rows)
+         grammars: GrammarMasks | None, length: int) -> MicroBatch:
     input_ids = torch.zeros(len(rows), length, dtype=torch.int64)
     attention_mask = torch.zeros(len(rows), length, dtype=torch.int64)
     loss_mask = torch.zeros(len(rows), length - 1, dtype=torch.float32)
@@ -154,10 +158,15 @@ def policy_logprobs(model: torch.nn.Module, mb: MicroBatch, *,
     attention kernel runs causal (it skips the blocks above the diagonal and builds no [rows, L, L] mask): the
     forward and backward of a default warm-up step take 1/1.13 of the time on CPU, with the same log-probs."""
     rows, columns = mb.loss_mask.nonzero(as_tuple=True)
+    # The output layer's row count is rounded up (repeats of the first trained position, dropped from its output):
+    # it changes with every micro-batch, and a bf16 matrix product on CPU (oneDNN) compiles a kernel for each shape
+    # it has not seen (`WarmupConfig.compute_dtype`). Free in float32 and on GPUs, whose kernels are not per shape.
+    padding = -len(rows) % _OUTPUT_ROWS_MULTIPLE
+    picked = (torch.cat([rows, rows[:1].expand(padding)]), torch.cat([columns, columns[:1].expand(padding)]))
     hook = model.get_output_embeddings().register_forward_pre_hook(
-        lambda _module, args: (args[0][rows, columns], *args[1:]))
+        lambda _module, args: (args[0][picked], *args[1:]))
     try:
-        logits = model(input_ids=mb.input_ids).logits
+        logits = model(input_ids=mb.input_ids).logits[:len(rows)]
     finally:
         hook.remove()
     admitted = None

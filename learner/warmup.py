@@ -8,13 +8,16 @@ ordinary `Trajectory` records (mask 1 on the expert's tokens), so they are packe
 The loss of a step is −Σ m_t log π_θ(y_t) over the step's demonstrations divided by their masked tokens, so
 micro-batching does not change the update. With `WarmupConfig.grammar_scored`, π at a constrained token is
 renormalised over what its turn's grammar admits, as the engine samples it: the forced tokens of a call's JSON then
-cost nothing, and the loss is spent on the decisions. The driver builds the trajectories (this package never imports
-`actors/`) and passes them in; `warm_up` writes a Hugging Face model directory (weights in the base model's dtype,
-plus the base directory's tokenizer and generation files) that engines and the learner load like any other.
+cost nothing, and the loss is spent on the decisions. The passes run in bf16 where the CPU has bf16 units
+(`WarmupConfig.compute_dtype`), the weights and the optimizer in float32. The driver builds the trajectories (this
+package never imports `actors/`) and passes them in; `warm_up` writes a Hugging Face model directory (weights in the
+base model's dtype, plus the base directory's tokenizer and generation files) that engines and the learner load like
+any other.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import random
@@ -22,7 +25,6 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -74,24 +76,41 @@ def _as_deliveries(batch: list[Trajectory]) -> list[Delivery]:
     return [Delivery(entry_id=b"", trajectory=t, source="fresh", staleness=0, weight=1.0) for t in batch]
 
 
-def pack_demonstrations(batch: list[Trajectory], micro_batch_tokens: int,
-                        grammars: GrammarMasks | None = None) -> list[MicroBatch]:
-    """A step's demonstrations as micro-batches; with `grammars`, their constrained turns carry what each turn's
-    grammar admitted, so that the loss scores those tokens the way the engine samples them."""
-    return pack_micro_batches(_as_deliveries(batch), torch.zeros(len(batch)), micro_batch_tokens, grammars)
+_BF16_LENGTH_MULTIPLE = 256
+"""Padded length of a micro-batch under bf16 (`WarmupConfig.compute_dtype`): a multiple of this."""
 
 
-def sft_loss(model, micro_batches: list[MicroBatch], *, backward: bool) -> tuple[float, int]:
-    """Mean cross-entropy per masked token of `micro_batches` under `model`, and the masked token count; with
-    `backward`, the gradient of that mean accumulates in the model. A demonstration its grammar refuses (weight 0)
-    counts for nothing."""
+def compute_dtype(setting: str) -> torch.dtype:
+    """The warm-up's autocast dtype for `WarmupConfig.compute_dtype` on this machine's CPU."""
+    if setting == "auto":
+        # Private but stable since torch 2.3; a torch without them is treated as a CPU without bf16 units.
+        native = any(getattr(torch.cpu, probe, lambda: False)()
+                     for probe in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"))
+        return torch.bfloat16 if native else torch.float32
+    return getattr(torch, setting)
+
+
+def pack_demonstrations(batch: list[Trajectory], micro_batch_tokens: int, grammars: GrammarMasks | None = None,
+                        dtype: torch.dtype = torch.float32) -> list[MicroBatch]:
+    """A step's demonstrations as micro-batches for passes in `dtype`; with `grammars`, their constrained turns
+    carry what each turn's grammar admitted, so that the loss scores those tokens the way the engine samples them."""
+    return pack_micro_batches(_as_deliveries(batch), torch.zeros(len(batch)), micro_batch_tokens, grammars,
+                              length_multiple=_BF16_LENGTH_MULTIPLE if dtype == torch.bfloat16 else 1)
+
+
+def sft_loss(model, micro_batches: list[MicroBatch], *, backward: bool,
+             dtype: torch.dtype = torch.float32) -> tuple[float, int]:
+    """Mean cross-entropy per masked token of `micro_batches` under `model`, its passes autocast to `dtype`, and the
+    masked token count; with `backward`, the gradient of that mean accumulates in the model. A demonstration its
+    grammar refuses (weight 0) counts for nothing."""
     masks = [mb.loss_mask * mb.sequence_weights[:, None] for mb in micro_batches]
     valid = sum(float(mask.sum()) for mask in masks)
     if valid == 0:
         raise ValueError("no masked token in the batch: demonstrations must carry loss_mask 1 on the expert's turns")
     total = 0.0
     for mb, mask in zip(micro_batches, masks, strict=True):
-        with torch.set_grad_enabled(backward):
+        with (torch.set_grad_enabled(backward),
+              torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32)):
             logp, _ = policy_logprobs(model, mb, with_entropy=False)
             loss = -(logp * mask).sum() / valid
         if backward:
@@ -121,40 +140,33 @@ def warm_up(base_model_dir: str | Path, out_dir: str | Path, trajectories: list[
     total_steps = min(config.max_steps, config.epochs * steps_per_epoch)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=0.0)
     grammars = GrammarMasks.for_model(base_model_dir, model.config.vocab_size) if config.grammar_scored else None
+    dtype = compute_dtype(config.compute_dtype)
     started = time.monotonic()
     losses: list[float] = []
     tokens_trained = 0
     batches = (batch for _ in range(config.epochs) for batch in _batches(trajectories, config.batch_tokens, rng))
-    # The next step's batch is packed while this one trains: replaying its grammars is CPU work (~0.6 ms a
-    # constrained turn, 0.1 s a step; it was 0.8 s while every turn's schema went through xgrammar's compiler).
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="warmup-pack") as packer:
-        def pack(batch: list[Trajectory]) -> Future[list[MicroBatch]]:
-            return packer.submit(pack_demonstrations, batch, config.micro_batch_tokens, grammars)
-
-        upcoming = pack(next(batches))
-        while len(losses) < total_steps:
-            micro_batches = upcoming.result()
-            if (following := next(batches, None)) is not None:
-                upcoming = pack(following)
-            # The cosine runs over the steps or the time budget, whichever is spent faster: a warm-up cut short by
-            # its budget still ends at the low rate that consolidates what it learned.
-            spent = max(len(losses) / total_steps, (time.monotonic() - started) / config.time_budget_s)
-            factor = lr_factor(min(total_steps, round(spent * total_steps)), config.warmup_steps, total_steps,
-                               "cosine")
-            for group in optimizer.param_groups:
-                group["lr"] = config.learning_rate * factor
-            loss, tokens = sft_loss(model, micro_batches, backward=True)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            losses.append(loss)
-            tokens_trained += tokens
-            elapsed = time.monotonic() - started
-            if on_step is not None:
-                on_step(len(losses), total_steps, loss, elapsed)
-            if elapsed >= config.time_budget_s or following is None:
-                break
-        upcoming.cancel()
+    # Each step packs its own batch, in this thread: packing is Python (the grammar replay, ~0.04 s a step), and
+    # done in a second thread while the passes ran, it held the GIL the passes' operator dispatch waits on (a
+    # default warm-up's steps took 1.28× as long).
+    for batch in itertools.islice(batches, total_steps):
+        micro_batches = pack_demonstrations(batch, config.micro_batch_tokens, grammars, dtype)
+        # The cosine runs over the steps or the time budget, whichever is spent faster: a warm-up cut short by its
+        # budget still ends at the low rate that consolidates what it learned.
+        spent = max(len(losses) / total_steps, (time.monotonic() - started) / config.time_budget_s)
+        factor = lr_factor(min(total_steps, round(spent * total_steps)), config.warmup_steps, total_steps, "cosine")
+        for group in optimizer.param_groups:
+            group["lr"] = config.learning_rate * factor
+        loss, tokens = sft_loss(model, micro_batches, backward=True, dtype=dtype)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss)
+        tokens_trained += tokens
+        elapsed = time.monotonic() - started
+        if on_step is not None:
+            on_step(len(losses), total_steps, loss, elapsed)
+        if elapsed >= config.time_budget_s:
+            break
     seconds = time.monotonic() - started
     _save(model, base_model_dir, out_dir)
     return WarmupResult(out_dir, len(losses), seconds, tokens_trained, losses[0], losses[-1], losses)

@@ -468,8 +468,8 @@ class LearnerConfig(_Section):
     """After warm-up: hold the peak rate, or decay it to 10 % of the peak by `total_steps` (cosine)."""
 
     total_steps: int = Field(default=30, ge=1)
-    """Length of the run in learner steps; `longhaul train` stops there. The default fits the embedded run in 15–18
-    minutes on 2 CPU cores, warm-up included (about 3 of them RL); a real run sets its own (configs/gpu.yaml)."""
+    """Length of the run in learner steps; `longhaul train` stops there. The default fits the embedded run in about
+    10 minutes on 2 CPU cores, warm-up included (about 2 of them RL); a real run sets its own (configs/gpu.yaml)."""
 
     max_grad_norm: float = Field(default=1.0, gt=0)
     """Global gradient-norm clip."""
@@ -643,7 +643,7 @@ class WarmupConfig(_Section):
     max_steps: int = Field(default=460, ge=1)
     """Optimizer steps at most. The default's budget: a fixed number of steps, so that the warmed-up policy does not
     depend on how fast the machine is (held-out success after 356 steps 2.4 %, after 455 steps 8.8 %;
-    docs/benchmarks.md, "Learning"); 9–11 minutes on 2 CPU cores (0.70–0.82 steps/s, by the machine's hour)."""
+    docs/benchmarks.md, "Learning"); 5 minutes on 2 CPU cores with bf16 units (1.47–1.50 steps/s)."""
 
     learning_rate: float = Field(default=3e-3, gt=0)
     """Peak AdamW rate; it decays to 10 % (cosine) by the last step or the end of `time_budget_s`, whichever comes
@@ -665,6 +665,14 @@ class WarmupConfig(_Section):
     """Padded tokens per forward/backward pass: bounds activation memory, never changes the update. On CPU the
     step's time barely depends on it (a default warm-up batch takes as long at 2048 as at 4096, 1.09× as long at 8192:
     more padding); every pass runs attention causal, with no padding mask (`learner/batch.py`)."""
+
+    compute_dtype: Literal["auto", "bfloat16", "float32"] = "auto"
+    """Precision of the warm-up's matrix products and attention (`torch.autocast`; the weights, the optimizer and
+    the log-softmax stay float32). `auto`: bfloat16 on a CPU with bf16 matrix units (AMX, AVX512-BF16), where the
+    default warm-up's steps take 1/1.19 of the time (bench/warmup.py); float32 elsewhere, where bf16 is emulated
+    and slower. Under bfloat16 every micro-batch is padded to a multiple of 256 tokens: oneDNN compiles a kernel for
+    each matrix shape it has not seen, and demonstrations of every length made almost every pass a new shape
+    (without the padding, bf16 steps took 1.4× as long as float32 ones)."""
 
     time_budget_s: float = Field(default=900.0, gt=0)
     """Wall-clock limit of the optimisation; it stops after the step that crosses it and saves the model. The

@@ -38,6 +38,21 @@ def test_micro_batches_respect_the_token_budget_and_cover_every_sequence_once():
     assert [mb.indices for mb in micro] == [[5], [0], [2, 3, 4], [1]]  # longest first, greedy: 3 × 120 ≤ 400
 
 
+def test_a_length_multiple_rounds_every_micro_batch_up_to_it_within_the_token_budget():
+    lengths = [300, 40, 120, 120, 64, 500]
+    deliveries = [_delivery(_trajectory(i, "g", tokens)) for i, tokens in enumerate(lengths)]
+    micro = pack_micro_batches(deliveries, torch.zeros(6), micro_batch_tokens=500, length_multiple=128)
+    # Packed by the rounded length: 4 × 128 > 500, where 4 rows of 120 would have fitted.
+    assert [(mb.indices, tuple(mb.input_ids.shape)) for mb in micro] == [
+        ([5], (1, 512)), ([0], (1, 384)), ([2, 3, 4], (3, 128)), ([1], (1, 128))]
+    for mb in micro:
+        assert mb.attention_mask.sum(1).tolist() == [lengths[i] for i in mb.indices]  # padding is not a token
+        for row, index in enumerate(mb.indices):
+            assert not mb.loss_mask[row, lengths[index] - 1:].any() and not mb.input_ids[row, lengths[index]:].any()
+    with pytest.raises(ValueError, match="length_multiple must be at least 1"):
+        pack_micro_batches(deliveries, torch.zeros(6), micro_batch_tokens=500, length_multiple=0)
+
+
 def test_per_token_tensors_align_on_the_predicted_token():
     trajectory = _trajectory(3, "g", tokens=50)
     [mb] = pack_micro_batches([_delivery(trajectory, weight=0.5)], torch.tensor([1.5]), micro_batch_tokens=10_000)

@@ -92,14 +92,44 @@ def test_grammar_scored_loss_renormalises_each_constrained_token_over_what_its_g
     assert loss < sft_loss(model, pack_demonstrations(batch, 4096), backward=False)[0] / 2
 
 
+def test_a_bfloat16_pass_pads_micro_batches_to_256_and_scores_them_as_float32_does(tiny_model_dir, demos):
+    from transformers import AutoModelForCausalLM
+
+    from longhaul.learner.grammar_mask import GrammarMasks
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    grammars = GrammarMasks.for_model(tiny_model_dir, model.config.vocab_size)
+    batch = demos[:8]
+    exact = pack_demonstrations(batch, 4096, grammars)
+    padded = pack_demonstrations(batch, 4096, grammars, torch.bfloat16)
+    assert {mb.input_ids.shape[1] % 256 for mb in padded} == {0}
+    assert any(mb.input_ids.shape[1] % 256 for mb in exact)  # the padding is the bf16 path's own
+    assert sorted(i for mb in padded for i in mb.indices) == list(range(8))
+
+    def loss_and_gradient(micro_batches, dtype):
+        loss, count = sft_loss(model, micro_batches, backward=True, dtype=dtype)
+        gradient = torch.cat([p.grad.flatten() for p in model.parameters()])
+        model.zero_grad(set_to_none=True)
+        return loss, count, gradient
+
+    loss32, count32, gradient32 = loss_and_gradient(exact, torch.float32)
+    loss16, count16, gradient16 = loss_and_gradient(padded, torch.bfloat16)
+    assert count16 == count32  # padding adds no trained token
+    assert loss16 == pytest.approx(loss32, rel=1e-2)
+    assert torch.nn.functional.cosine_similarity(gradient16, gradient32, dim=0) > 0.99
+    assert all(p.dtype == torch.float32 for p in model.parameters())  # autocast: the weights stay float32
+
+
+@pytest.mark.parametrize("compute_dtype", ["float32", "bfloat16"])
 def test_warm_up_lowers_the_cross_entropy_of_the_expert_tokens_and_writes_a_model_dir_with_the_base_tokenizer(
-        tiny_model_dir, demos, tmp_path):
+        tiny_model_dir, demos, tmp_path, compute_dtype):
     from transformers import AutoTokenizer
 
     from longhaul.actors.tiny_model import validate_model_dir
 
     train, held_out = demos[:20], demos[20:]
-    config = WarmupConfig(enabled=True, max_steps=30, epochs=30, learning_rate=3e-3, batch_tokens=8192, seed=0)
+    config = WarmupConfig(enabled=True, max_steps=30, epochs=30, learning_rate=3e-3, batch_tokens=8192, seed=0,
+                          compute_dtype=compute_dtype)
     result = warm_up(tiny_model_dir, tmp_path / "warm", train, config)
     assert result.steps == 30 and len(result.losses) == 30
     assert result.loss_last < result.loss_first / 3
