@@ -27,7 +27,10 @@ from longhaul.learner.metrics import GRAMMAR_REFUSED
 
 logger = logging.getLogger(__name__)
 
-_OUTPUT_ROWS_MULTIPLE = 256
+BF16_SHAPE_MULTIPLE = 256
+"""What a bf16 pass on CPU rounds its data-dependent sizes up to (output rows here; micro-batch lengths through
+`pack_micro_batches(length_multiple=)` in the warm-up): oneDNN compiles a kernel for each matrix shape it has not
+seen, so sizes from a few shapes let it reuse them (`WarmupConfig.compute_dtype`)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -158,10 +161,10 @@ def policy_logprobs(model: torch.nn.Module, mb: MicroBatch, *,
     attention kernel runs causal (it skips the blocks above the diagonal and builds no [rows, L, L] mask): the
     forward and backward of a default warm-up step take 1/1.13 of the time on CPU, with the same log-probs."""
     rows, columns = mb.loss_mask.nonzero(as_tuple=True)
-    # The output layer's row count is rounded up (repeats of the first trained position, dropped from its output):
-    # it changes with every micro-batch, and a bf16 matrix product on CPU (oneDNN) compiles a kernel for each shape
-    # it has not seen (`WarmupConfig.compute_dtype`). Free in float32 and on GPUs, whose kernels are not per shape.
-    padding = -len(rows) % _OUTPUT_ROWS_MULTIPLE
+    # The output layer's row count, which changes with every micro-batch, is rounded up to `BF16_SHAPE_MULTIPLE`
+    # (repeats of the first trained position, dropped from its output). Free in float32 and on GPUs, whose kernels
+    # are not per shape.
+    padding = -len(rows) % BF16_SHAPE_MULTIPLE
     picked = (torch.cat([rows, rows[:1].expand(padding)]), torch.cat([columns, columns[:1].expand(padding)]))
     hook = model.get_output_embeddings().register_forward_pre_hook(
         lambda _module, args: (args[0][picked], *args[1:]))

@@ -33,7 +33,7 @@ from transformers import AutoModelForCausalLM
 
 from longhaul.buffer.store import Delivery
 from longhaul.config import WarmupConfig
-from longhaul.learner.batch import MicroBatch, pack_micro_batches, policy_logprobs
+from longhaul.learner.batch import BF16_SHAPE_MULTIPLE, MicroBatch, pack_micro_batches, policy_logprobs
 from longhaul.learner.grammar_mask import GrammarMasks
 from longhaul.learner.trainer import lr_factor
 from longhaul.trajectory import Trajectory
@@ -76,10 +76,6 @@ def _as_deliveries(batch: list[Trajectory]) -> list[Delivery]:
     return [Delivery(entry_id=b"", trajectory=t, source="fresh", staleness=0, weight=1.0) for t in batch]
 
 
-_BF16_LENGTH_MULTIPLE = 256
-"""Padded length of a micro-batch under bf16 (`WarmupConfig.compute_dtype`): a multiple of this."""
-
-
 def compute_dtype(setting: str) -> torch.dtype:
     """The warm-up's autocast dtype for `WarmupConfig.compute_dtype` on this machine's CPU."""
     if setting == "auto":
@@ -95,7 +91,7 @@ def pack_demonstrations(batch: list[Trajectory], micro_batch_tokens: int, gramma
     """A step's demonstrations as micro-batches for passes in `dtype`; with `grammars`, their constrained turns
     carry what each turn's grammar admitted, so that the loss scores those tokens the way the engine samples them."""
     return pack_micro_batches(_as_deliveries(batch), torch.zeros(len(batch)), micro_batch_tokens, grammars,
-                              length_multiple=_BF16_LENGTH_MULTIPLE if dtype == torch.bfloat16 else 1)
+                              length_multiple=BF16_SHAPE_MULTIPLE if dtype == torch.bfloat16 else 1)
 
 
 def sft_loss(model, micro_batches: list[MicroBatch], *, backward: bool,
