@@ -27,7 +27,7 @@ import torch
 from vllm import AsyncEngineArgs, SamplingParams
 from vllm.config import StructuredOutputsConfig, WeightTransferConfig
 from vllm.distributed.weight_transfer.base import WeightTransferInitRequest, WeightTransferUpdateRequest
-from vllm.sampling_params import StructuredOutputsParams
+from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
 from vllm.v1.engine.async_llm import AsyncLLM
 
 from longhaul.config import EngineConfig
@@ -90,6 +90,8 @@ class InferenceEngine:
         params = SamplingParams(
             max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed, logprobs=0,
             stop_token_ids=stop_token_ids, ignore_eos=ignore_eos, detokenize=False, skip_special_tokens=False,
+            # One output per turn, when it ends: none per step for a coroutine that only reads the last.
+            output_kind=RequestOutputKind.FINAL_ONLY,
             structured_outputs=(StructuredOutputsParams(json=structured_json_schema)
                                 if structured_json_schema is not None else None),
         )
