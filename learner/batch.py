@@ -29,8 +29,33 @@ logger = logging.getLogger(__name__)
 
 BF16_SHAPE_MULTIPLE = 256
 """What a bf16 pass on CPU rounds its data-dependent sizes up to (output rows here; micro-batch lengths through
-`pack_micro_batches(length_multiple=)` in the warm-up): oneDNN compiles a kernel for each matrix shape it has not
-seen, so sizes from a few shapes let it reuse them (`WarmupConfig.compute_dtype`)."""
+`pack_micro_batches(length_multiple=)`): oneDNN compiles a kernel for each matrix shape it has not seen, so sizes
+from a few shapes let it reuse them (`WarmupConfig.compute_dtype`)."""
+
+
+def compute_dtype(setting: str, device: torch.device | str = "cpu") -> torch.dtype:
+    """The autocast dtype of the policy's passes on `device` for a `compute_dtype` setting (`WarmupConfig`,
+    `LearnerConfig`). `auto`: bfloat16 where the hardware has bf16 matrix units (a CUDA GPU that supports it, a CPU
+    with AMX or AVX512-BF16), float32 elsewhere, where bf16 would be emulated and slower."""
+    if setting != "auto":
+        return getattr(torch, setting)
+    if torch.device(device).type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+    # Private but stable since torch 2.3; a torch without them is treated as a CPU without bf16 units.
+    native = any(getattr(torch.cpu, probe, lambda: False)()
+                 for probe in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"))
+    return torch.bfloat16 if native else torch.float32
+
+
+def length_multiple(dtype: torch.dtype) -> int:
+    """The `pack_micro_batches(length_multiple=)` of passes in `dtype` (`BF16_SHAPE_MULTIPLE` under bf16)."""
+    return BF16_SHAPE_MULTIPLE if dtype == torch.bfloat16 else 1
+
+
+def autocast(device: torch.device | str, dtype: torch.dtype):
+    """`torch.autocast` to `dtype` on `device`'s type, off for float32: matrix products and attention run in
+    `dtype`, the weights, their gradients and the log-softmax (`token_logprobs`) stay float32."""
+    return torch.autocast(torch.device(device).type, dtype=dtype, enabled=dtype != torch.float32)
 
 
 @dataclass(frozen=True, slots=True)

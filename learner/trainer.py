@@ -40,7 +40,14 @@ from longhaul.buffer.store import Consumed, Delivery, TrajectoryStore
 from longhaul.config import LonghaulConfig
 from longhaul.learner import distributed, metrics
 from longhaul.learner.advantages import group_advantages
-from longhaul.learner.batch import MicroBatch, pack_micro_batches, policy_logprobs
+from longhaul.learner.batch import (
+    MicroBatch,
+    autocast,
+    compute_dtype,
+    length_multiple,
+    pack_micro_batches,
+    policy_logprobs,
+)
 from longhaul.learner.checkpoint import latest_checkpoint, load_trainer_state, save_checkpoint
 from longhaul.learner.grammar_mask import GrammarMasks
 from longhaul.learner.losses import LossOutput, compute_loss, importance_stats
@@ -104,6 +111,7 @@ class Learner:
         self.model.to(self.device)
         self.model.train()
         self.grammars = GrammarMasks.for_model(self.model_dir, self.model.config.vocab_size)
+        self.compute_dtype = compute_dtype(settings.compute_dtype, self.device)
         if self.world_size > 1:
             self.model = distributed.shard(self.model)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=settings.learning_rate, betas=settings.betas,
@@ -186,7 +194,8 @@ class Learner:
         settings = self.config.learner
         rewards = torch.tensor([d.trajectory.reward for d in batch], dtype=torch.float32)
         advantages = group_advantages(rewards, [d.trajectory.group_id for d in batch], settings.advantage)
-        micro_batches = pack_micro_batches(batch, advantages, settings.micro_batch_tokens, self.grammars)
+        micro_batches = pack_micro_batches(batch, advantages, settings.micro_batch_tokens, self.grammars,
+                                           length_multiple=length_multiple(self.compute_dtype))
         valid_tokens = sum(float(mb.loss_mask.sum()) for mb in micro_batches)
         loss_total, entropy_total, parts = 0.0, 0.0, []
         # Rank r trains micro-batches r, r + N, ...; every rank runs the same number of passes (FSDP's collectives
@@ -196,7 +205,8 @@ class Learner:
             mb = _to_device(micro_batches[index] if index < len(micro_batches) else micro_batches[0], self.device)
             # × N: FSDP averages the ranks' gradients, this loss needs their sum (learner/distributed.py).
             scale = float(self.world_size) if index < len(micro_batches) else 0.0
-            logp, entropy = policy_logprobs(self.model, mb)
+            with autocast(self.device, self.compute_dtype):
+                logp, entropy = policy_logprobs(self.model, mb)
             output = compute_loss(settings.loss, logp, mb.behavior_logp, mb.advantages, mb.loss_mask,
                                   params=settings.loss_params, proximal_logp=logp.detach())
             loss = scale * (output.token_loss * mb.sequence_weights[:, None]).sum() / max(valid_tokens, 1.0)

@@ -33,7 +33,14 @@ from transformers import AutoModelForCausalLM
 
 from longhaul.buffer.store import Delivery
 from longhaul.config import WarmupConfig
-from longhaul.learner.batch import BF16_SHAPE_MULTIPLE, MicroBatch, pack_micro_batches, policy_logprobs
+from longhaul.learner.batch import (
+    MicroBatch,
+    autocast,
+    compute_dtype,
+    length_multiple,
+    pack_micro_batches,
+    policy_logprobs,
+)
 from longhaul.learner.grammar_mask import GrammarMasks
 from longhaul.learner.trainer import lr_factor
 from longhaul.trajectory import Trajectory
@@ -76,22 +83,12 @@ def _as_deliveries(batch: list[Trajectory]) -> list[Delivery]:
     return [Delivery(entry_id=b"", trajectory=t, source="fresh", staleness=0, weight=1.0) for t in batch]
 
 
-def compute_dtype(setting: str) -> torch.dtype:
-    """The warm-up's autocast dtype for `WarmupConfig.compute_dtype` on this machine's CPU."""
-    if setting == "auto":
-        # Private but stable since torch 2.3; a torch without them is treated as a CPU without bf16 units.
-        native = any(getattr(torch.cpu, probe, lambda: False)()
-                     for probe in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"))
-        return torch.bfloat16 if native else torch.float32
-    return getattr(torch, setting)
-
-
 def pack_demonstrations(batch: list[Trajectory], micro_batch_tokens: int, grammars: GrammarMasks | None = None,
                         dtype: torch.dtype = torch.float32) -> list[MicroBatch]:
     """A step's demonstrations as micro-batches for passes in `dtype`; with `grammars`, their constrained turns
     carry what each turn's grammar admitted, so that the loss scores those tokens the way the engine samples them."""
     return pack_micro_batches(_as_deliveries(batch), torch.zeros(len(batch)), micro_batch_tokens, grammars,
-                              length_multiple=BF16_SHAPE_MULTIPLE if dtype == torch.bfloat16 else 1)
+                              length_multiple=length_multiple(dtype))
 
 
 def sft_loss(model, micro_batches: list[MicroBatch], *, backward: bool,
@@ -105,8 +102,7 @@ def sft_loss(model, micro_batches: list[MicroBatch], *, backward: bool,
         raise ValueError("no masked token in the batch: demonstrations must carry loss_mask 1 on the expert's turns")
     total = 0.0
     for mb, mask in zip(micro_batches, masks, strict=True):
-        with (torch.set_grad_enabled(backward),
-              torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32)):
+        with torch.set_grad_enabled(backward), autocast("cpu", dtype):
             logp, _ = policy_logprobs(model, mb, with_entropy=False)
             loss = -(logp * mask).sum() / valid
         if backward:

@@ -27,10 +27,12 @@ BATCH = 8
 def _learner(redis_url: str, run: str, checkpoints: Path, model_dir: Path, processes: int) -> None:
     launcher = ([sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={processes}",
                  f"--master-port={free_port()}", "-m"] if processes > 1 else [sys.executable, "-m"])
-    # micro_batch_tokens of one sequence: each step's batch becomes 8 micro-batches, which the ranks split.
+    # micro_batch_tokens of one sequence: each step's batch becomes 8 micro-batches, which the ranks split. float32
+    # passes: the weights of the two must agree to 1e-4, which bf16 products would not promise.
     command = [*launcher, "longhaul.cli", "learner", f"redis.url={redis_url}", f"run_name={run}",
                f"model.path={model_dir}", f"learner.checkpoint_dir={checkpoints}", f"learner.total_steps={STEPS}",
                "learner.checkpoint_every=2", "learner.learning_rate=0.001", "learner.micro_batch_tokens=112",
+               "learner.compute_dtype=float32",
                f"buffer.staleness.batch_size={BATCH}", "buffer.staleness.max_staleness=1000"]
     result = subprocess.run(command, capture_output=True, text=True, timeout=600,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
@@ -61,7 +63,9 @@ def test_two_fsdp2_processes_train_to_the_same_weights_as_one(tiny_model_dir: Pa
                for run in ("single", "sharded")}
     assert [r["trajectory_ids"] for r in records["sharded"]] == [r["trajectory_ids"] for r in records["single"]]
     for one, two in zip(records["single"], records["sharded"], strict=True):
-        assert two["loss"] == pytest.approx(one["loss"], abs=1e-5)
+        # The same summation-order tolerance as the weights': a later step's loss is of weights that differ by it
+        # (on an AMD EPYC CPU step 4's losses differed by 1.1e-5, 3e-5 of the loss).
+        assert two["loss"] == pytest.approx(one["loss"], rel=1e-4, abs=1e-5)
         assert two["trained_tokens"] == one["trained_tokens"]
         assert two["importance"]["tokens"] == one["importance"]["tokens"]
     assert TrajectoryStore(client, "sharded", config).stats().counters["committed"] == STEPS * BATCH
