@@ -56,4 +56,3 @@ def register() -> None:
 
         onednn_mm_padded_rows.pads_rows = True
         ops.onednn_mm = onednn_mm_padded_rows
-

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import dataclasses
 import json
 import os
 import statistics
@@ -88,7 +87,7 @@ def measure_training(args, model_dir: Path, redis_url: str, workdir: Path,
     from longhaul.learner.advantages import group_advantages
     from longhaul.learner.batch import length_multiple, pack_micro_batches
     from longhaul.learner.trainer import Learner
-    from longhaul.synthetic import policy_trajectories
+    from longhaul.synthetic import policy_trajectories, renamed_copies
 
     batch = 16
     train_dir = train_dir or model_dir
@@ -102,10 +101,8 @@ def measure_training(args, model_dir: Path, redis_url: str, workdir: Path,
     print(f"sampling {4 * batch} episodes from the tiny model ...", flush=True)
     sampled = policy_trajectories(sampler_model, count=4 * batch, group_size=4, turns=8, prompt_tokens=32,
                                   turn_tokens=32, observation_tokens=64, seed=5)
-    # Copies under new ids fill the remaining steps: the buffer trains a trajectory id once.
-    trajectories = [dataclasses.replace(t, trajectory_id=f"{t.trajectory_id}-{copy}", group_id=f"{t.group_id}-{copy}")
-                    for copy in range(-(-steps_needed * batch // len(sampled))) for t in sampled]
-    for trajectory in trajectories[:steps_needed * batch]:
+    trajectories = renamed_copies(sampled, steps_needed * batch)
+    for trajectory in trajectories:
         store.append(trajectory)
     del sampler_model
     _peak_gib()

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import dataclasses
 import json
 import os
 import statistics
@@ -51,7 +50,7 @@ def agreement(model_dir: Path, samples: list[tuple]) -> dict[str, float]:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from longhaul.learner.batch import autocast
+    from longhaul.learner.batch import autocast, token_logprobs
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     ids = torch.tensor([p + g for p, g, _ in samples])
@@ -62,7 +61,8 @@ def agreement(model_dir: Path, samples: list[tuple]) -> dict[str, float]:
         for dtype in (torch.float32, torch.bfloat16):
             with autocast("cpu", dtype):
                 logits = model(input_ids=ids).logits[:, start - 1:-1]
-            scored[dtype] = torch.log_softmax(logits.float(), -1).gather(-1, ids[:, start:, None]).squeeze(-1)
+            logp, _ = token_logprobs(logits.flatten(0, 1), ids[:, start:].flatten(), with_entropy=False)
+            scored[dtype] = logp.view(len(samples), -1)
 
     def gap(a, b) -> tuple[float, float]:
         d = (a - b).abs().flatten()
@@ -84,7 +84,7 @@ def step_times(args, model_dir: Path, workdir: Path) -> list[dict]:
     from longhaul.buffer.store import TrajectoryStore
     from longhaul.config import load_config
     from longhaul.learner.trainer import Learner
-    from longhaul.synthetic import policy_trajectories
+    from longhaul.synthetic import policy_trajectories, renamed_copies
 
     batch = 16
     steps_needed = 1 + args.rounds * args.steps
@@ -92,9 +92,7 @@ def step_times(args, model_dir: Path, workdir: Path) -> list[dict]:
     sampled = policy_trajectories(sampler_model, count=4 * batch, group_size=4, turns=8, prompt_tokens=32,
                                   turn_tokens=32, observation_tokens=64, seed=5)
     del sampler_model
-    # Copies under new ids fill the remaining steps: a buffer trains a trajectory id once.
-    trajectories = [dataclasses.replace(t, trajectory_id=f"{t.trajectory_id}-{copy}", group_id=f"{t.group_id}-{copy}")
-                    for copy in range(-(-steps_needed * batch // len(sampled))) for t in sampled][:steps_needed * batch]
+    trajectories = renamed_copies(sampled, steps_needed * batch)
     learners = {}
     with EmbeddedRedis(workdir / "redis") as server:
         client = connect(server.url)

@@ -4,6 +4,8 @@ Used where a well-formed Trajectory is needed without an engine: `longhaul docto
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 
 from longhaul.trajectory import Trajectory
@@ -100,3 +102,11 @@ def policy_trajectories(model, *, count: int, group_size: int, turns: int = 3, p
             reward=float((generated % 2 == 0).float().mean()), num_turns=turns, num_tool_calls=turns,
             finish_reason="max_turns", reward_parts={}, timings={}))
     return trajectories
+
+
+def renamed_copies(trajectories: list[Trajectory], count: int) -> list[Trajectory]:
+    """`count` trajectories cycling through `trajectories`, every copy under new trajectory and group ids: a buffer
+    trains a trajectory id once, so a benchmark that runs more steps than it sampled episodes for fills them so."""
+    rounds = -(-count // len(trajectories))
+    return [dataclasses.replace(t, trajectory_id=f"{t.trajectory_id}-{copy}", group_id=f"{t.group_id}-{copy}")
+            for copy in range(rounds) for t in trajectories][:count]
