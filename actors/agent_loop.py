@@ -144,7 +144,7 @@ async def run_episode(task: TaskInfo, *, engine: InferenceEngine, tools: ToolCli
         t0 = time.perf_counter()
         generation = await engine.generate(
             tokens.ids, max_tokens=budget, stop_token_ids=[chat.im_end, chat.tool_call_end],
-            temperature=config.temperature, top_p=config.top_p, structured_json_schema=schema)
+            temperature=config.temperature, structured_json_schema=schema)
         timings["generate_s"] += time.perf_counter() - t0
         tokens.generated(generation)
         text = chat.turn_text(generation.token_ids)

@@ -70,6 +70,9 @@ class InferenceEngine:
             weight_transfer_config=WeightTransferConfig(backend=weight_transfer_backend(config)),
             # Constrained turns as compact JSON: a weak policy would otherwise spend them on whitespace JSON allows.
             structured_outputs_config=StructuredOutputsConfig(backend="xgrammar", disable_any_whitespace=True),
+            # Behaviour logprobs of the distribution each token was drawn from, after the temperature: vLLM's
+            # default reports the untempered model's, which at any temperature but 1 is not what sampled it.
+            logprobs_mode="processed_logprobs",
         )
         self.config = config
         self._engine = AsyncLLM.from_engine_args(args)
@@ -81,14 +84,18 @@ class InferenceEngine:
         return self
 
     async def generate(self, prompt_token_ids: list[int], *, max_tokens: int, stop_token_ids: list[int],
-                       temperature: float = 1.0, top_p: float = 1.0, seed: int | None = None,
+                       temperature: float = 1.0, seed: int | None = None,
                        ignore_eos: bool = False,
                        structured_json_schema: dict[str, Any] | None = None) -> Generation:
         """Sample one turn after `prompt_token_ids`, until a stop token (the model's EOS too, unless `ignore_eos`:
         fixed-length generation, for benchmarks) or `max_tokens`. `structured_json_schema` constrains the turn to
-        JSON of that schema (structured outputs), for policies too weak to emit the tool-call format yet."""
+        JSON of that schema (structured outputs), for policies too weak to emit the tool-call format yet.
+
+        Each token's logprob is log softmax(z / `temperature`) over what the grammar admits: the distribution it was
+        sampled from, which the learner scores the same way (`learner.batch.policy_logprobs`). A greedy turn
+        (`temperature` 0) reports the untempered log softmax(z)."""
         params = SamplingParams(
-            max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed, logprobs=0,
+            max_tokens=max_tokens, temperature=temperature, seed=seed, logprobs=0,
             stop_token_ids=stop_token_ids, ignore_eos=ignore_eos, detokenize=False, skip_special_tokens=False,
             # One output per turn, when it ends: none per step for a coroutine that only reads the last.
             output_kind=RequestOutputKind.FINAL_ONLY,

@@ -171,10 +171,13 @@ def _constraints(deliveries: list[Delivery], rows: list[int],
     return Constraints(torch.cat(row_ids), torch.cat(columns), torch.cat(bitmasks)), refused
 
 
-def policy_logprobs(model: torch.nn.Module, mb: MicroBatch, *,
+def policy_logprobs(model: torch.nn.Module, mb: MicroBatch, *, temperature: float = 1.0,
                     with_entropy: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
     """log π of each trained token of `mb` under `model`, and the entropy of each one's next-token distribution (no
     gradient; None without `with_entropy`); both [rows, length − 1], 0 off the loss mask.
+
+    π is softmax(z / `temperature`), the distribution the rollouts sampled from and the engine reported behaviour
+    logprobs of (`agent.temperature`); the warm-up imitates at 1.
 
     Only trained positions reach the output layer: a pre-hook hands it their hidden states alone. Generated tokens
     are a small share of an agent's episode (18 % of the default warm-up's tokens, the rest observations and
@@ -197,6 +200,8 @@ def policy_logprobs(model: torch.nn.Module, mb: MicroBatch, *,
         logits = model(input_ids=mb.input_ids).logits[:len(rows)]
     finally:
         hook.remove()
+    if temperature != 1.0:
+        logits = logits.float() / temperature
     admitted = None
     if mb.constrained is not None:
         position = torch.full(mb.loss_mask.shape, -1, dtype=torch.int64, device=rows.device)

@@ -206,7 +206,7 @@ class Learner:
             # × N: FSDP averages the ranks' gradients, this loss needs their sum (learner/distributed.py).
             scale = float(self.world_size) if index < len(micro_batches) else 0.0
             with autocast(self.device, self.compute_dtype):
-                logp, entropy = policy_logprobs(self.model, mb)
+                logp, entropy = policy_logprobs(self.model, mb, temperature=self.config.agent.temperature)
             output = compute_loss(settings.loss, logp, mb.behavior_logp, mb.advantages, mb.loss_mask,
                                   params=settings.loss_params, proximal_logp=logp.detach())
             loss = scale * (output.token_loss * mb.sequence_weights[:, None]).sum() / max(valid_tokens, 1.0)

@@ -103,7 +103,9 @@ class AgentConfig(_Section):
     """Tokens one model turn may generate."""
 
     temperature: float = Field(default=1.0, ge=0)
-    top_p: float = Field(default=1.0, gt=0, le=1)
+    """Rollouts sample from softmax(z / temperature); the engine reports the logprobs of that distribution and the
+    learner scores the same one, so the importance ratio compares like with like at any temperature. 0 is greedy
+    (evaluation only: a training run needs > 0)."""
 
     evidence_reward: float = Field(default=0.5, ge=0, le=10)
     """Reward of an answered episode: the answer's F1 plus this × the share of the task's evidence pages (one per
@@ -766,6 +768,14 @@ class LonghaulConfig(_Section):
         if self.agent.max_episode_tokens > self.engine.max_model_len:
             raise ValueError(f"agent.max_episode_tokens={self.agent.max_episode_tokens} exceeds "
                              f"engine.max_model_len={self.engine.max_model_len}: the engine would refuse long episodes")
+        return self
+
+    @model_validator(mode="after")
+    def _rollouts_sample(self) -> LonghaulConfig:
+        if self.agent.temperature <= 0:
+            raise ValueError(f"agent.temperature={self.agent.temperature} must be > 0: rollouts at temperature 0 are "
+                             "greedy, every episode of a group the same and no token a sample the learner can "
+                             "weigh; greedy play is for evaluation (evaluation.temperature)")
         return self
 
     @model_validator(mode="after")

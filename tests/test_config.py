@@ -44,6 +44,9 @@ def test_overrides_set_nested_fields_with_yaml_typed_values(tmp_path):
     ("buffer.scheduler.top_p=0", "buffer.scheduler.top_p: Input should be greater than 0"),
     ("buffer.scheduler.top_p=1.5", "buffer.scheduler.top_p: Input should be less than or equal to 1"),
     ("buffer.scheduler.hidden_size=-1", "buffer.scheduler.hidden_size: Input should be greater than or equal to 0"),
+    ("agent.temperature=0", "agent.temperature=0.0 must be > 0: rollouts at temperature 0 are greedy"),
+    # The learner scores softmax(z / T) over the full vocabulary: a nucleus cut would make that the wrong policy.
+    ("agent.top_p=0.9", "agent.top_p: Extra inputs are not permitted"),
 ])
 def test_an_invalid_value_is_rejected_naming_the_field(override, named):
     with pytest.raises(ConfigError) as error:

@@ -75,3 +75,46 @@ def test_a_weight_update_during_generation_lets_episodes_finish_and_switches_ver
         # Every token before the update was sampled by version 0, every one after by version 1: one switch.
         assert 0 < switch < 1500
         assert generation.versions == [0] * switch + [1] * (1500 - switch)
+
+
+def test_behaviour_logprobs_are_of_the_tempered_distribution_that_sampled_and_the_learner_scores_the_same(model_dir):
+    import numpy as np
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from longhaul.buffer.store import Delivery
+    from longhaul.learner.batch import pack_micro_batches, policy_logprobs
+    from longhaul.trajectory import Trajectory
+
+    temperature = 0.25  # far from 1: the untrained model's logits are nearly flat
+
+    async def scenario():
+        engine = await InferenceEngine(str(model_dir), CONFIG).start()
+        try:
+            return await engine.generate(PROMPT, max_tokens=40, stop_token_ids=[], temperature=temperature, seed=3)
+        finally:
+            engine.shutdown()
+
+    turn = asyncio.run(scenario())
+    n = len(turn.token_ids)
+    trajectory = Trajectory(
+        trajectory_id="t", task_id="task", group_id="g", actor_id="a", env="test",
+        token_ids=np.asarray(PROMPT + turn.token_ids, dtype="<u4"),
+        loss_mask=np.asarray([0] * len(PROMPT) + [1] * n, dtype="u1"),
+        behavior_logprobs=np.asarray([0.0] * len(PROMPT) + turn.logprobs, dtype="<f4"),
+        versions=np.asarray([-1] * len(PROMPT) + turn.versions, dtype="<i4"),
+        turn_offsets=np.asarray([len(PROMPT), len(PROMPT) + n], dtype="<u4"), reward=0.0, num_turns=1,
+        num_tool_calls=0, finish_reason="max_turns")
+    [mb] = pack_micro_batches([Delivery(b"1-0", trajectory, "new", 0, 1.0)], torch.zeros(1), 1 << 20)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        tempered, _ = policy_logprobs(model, mb, temperature=temperature)
+        untempered, _ = policy_logprobs(model, mb)
+    on = mb.loss_mask[0] > 0
+    behaviour = mb.behavior_logp[0][on]
+    gap, untempered_gap = (tempered[0][on] - behaviour).abs(), (untempered[0][on] - behaviour).abs()
+    print(f"|log π_T − log μ|: max {gap.max():.4f}, mean {gap.mean():.4f}; untempered {untempered_gap.mean():.4f}")
+    # The engine runs in bf16, the learner here in float32: the gap is the precisions', not the temperature's.
+    assert gap.max() < 0.05
+    # vLLM's default reports log softmax(z) whatever the temperature: far from what sampled these tokens.
+    assert untempered_gap.mean() > 20 * gap.mean()
