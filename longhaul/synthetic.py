@@ -54,11 +54,12 @@ def synthetic_trajectory(seed: int = 0, *, turns: int = 44, tokens: int = 33_000
 
 def policy_trajectories(model, *, count: int, group_size: int, turns: int = 3, prompt_tokens: int = 16,
                         turn_tokens: int = 16, observation_tokens: int = 16, seed: int = 0,
-                        version: int = 0) -> list[Trajectory]:
+                        version: int = 0, temperature: float = 1.0) -> list[Trajectory]:
     """Episodes sampled from a Hugging Face causal LM, with the exact behaviour logprobs of that model: training data
     for the learner without an inference engine (tests, `bench/learner.py`).
 
-    Prompts and observations are random token ids (mask 0); each turn samples `turn_tokens` tokens at temperature 1.
+    Prompts and observations are random token ids (mask 0); each turn samples `turn_tokens` tokens from
+    softmax(z / `temperature`), the distribution the behaviour logprobs are of.
     The reward is the share of generated tokens with an even id: a signal a policy can learn, with a known optimum
     (reward 1). Deterministic given the model's weights and `seed`."""
     import torch
@@ -78,14 +79,15 @@ def policy_trajectories(model, *, count: int, group_size: int, turns: int = 3, p
             for _ in range(turn_tokens):
                 out = model(input_ids=pending, past_key_values=cache, use_cache=True)
                 cache = out.past_key_values
-                pending = torch.multinomial(torch.softmax(out.logits[:, -1].float(), -1), 1, generator=generator)
+                pending = torch.multinomial(torch.softmax(out.logits[:, -1].float() / temperature, -1), 1,
+                                            generator=generator)
                 ids = torch.cat([ids, pending], dim=1)
             mask = torch.cat([mask, torch.ones(len(ids), turn_tokens, dtype=torch.uint8)], dim=1)
             observation = torch.randint(0, vocab, (len(ids), observation_tokens), generator=generator)
             ids = torch.cat([ids, observation], dim=1)
             pending = torch.cat([pending, observation], dim=1)
             mask = torch.cat([mask, torch.zeros(len(ids), observation_tokens, dtype=torch.uint8)], dim=1)
-        logprobs = torch.log_softmax(model(input_ids=ids).logits[:, :-1].float(), -1)
+        logprobs = torch.log_softmax(model(input_ids=ids).logits[:, :-1].float() / temperature, -1)
         logprobs = logprobs.gather(-1, ids[:, 1:, None]).squeeze(-1)
     logprobs = torch.cat([torch.zeros(len(ids), 1), logprobs], dim=1) * mask
     trajectories = []

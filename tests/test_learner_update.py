@@ -1,5 +1,6 @@
-"""When and how the learner's optimizer steps: a batch without signal leaves the weights exactly where they are, and a
-step's passes in bfloat16 (autocast) update the weights as float32 passes do."""
+"""When and how the learner's optimizer steps: a batch without signal leaves the weights exactly where they are, a
+step's passes in bfloat16 (autocast) update the weights as float32 passes do, and the learner scores tokens at the
+temperature the rollouts sampled them at."""
 
 from __future__ import annotations
 
@@ -86,3 +87,31 @@ def test_a_step_with_bfloat16_passes_moves_the_float32_weights_as_a_float32_step
     assert 0.99 < bf16["importance"]["weight_mean"] < 1.01 and bf16["importance"]["weight_max"] < 1.01
     assert bf16["grad_norm"] == pytest.approx(fp32["grad_norm"], rel=0.05)
     assert torch.nn.functional.cosine_similarity(updates["bfloat16"], updates["float32"], dim=0) > 0.99
+
+
+def test_the_learner_scores_at_the_rollouts_temperature_so_fresh_episodes_have_importance_weight_one(
+        tiny_model_dir, redis_client, run_name, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from longhaul.buffer.store import TrajectoryStore
+    from longhaul.learner.trainer import Learner
+    from longhaul.synthetic import policy_trajectories
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    batch = policy_trajectories(model, count=BATCH, group_size=GROUP_SIZE, seed=1, temperature=0.25)
+    importance = {}
+    for temperature in (0.25, 1.0):  # the rollouts' temperature, and one the learner would wrongly assume
+        config = load_config(None, [f"learner.checkpoint_dir={tmp_path / str(temperature)}",
+                                    f"agent.temperature={temperature}", "learner.compute_dtype=float32",
+                                    f"buffer.staleness.batch_size={BATCH}", f"actor.group_size={GROUP_SIZE}",
+                                    "buffer.staleness.max_staleness=100"])
+        store = TrajectoryStore(redis_client, f"{run_name}-{temperature}", config.buffer)
+        for trajectory in batch:
+            store.append(trajectory)
+        importance[temperature] = Learner(config, tiny_model_dir, store).train_step(timeout_s=10)["importance"]
+
+    # Same weights as the behaviour policy: every sequence weight is exactly 1 when π and μ are the same distribution.
+    assert importance[0.25]["weight_mean"] == pytest.approx(1.0, abs=1e-4)
+    assert importance[0.25]["weight_max"] == pytest.approx(1.0, abs=1e-4)
+    # Scored untempered, the same fresh episodes look far off-policy.
+    assert abs(importance[1.0]["weight_mean"] - 1.0) > 0.1
