@@ -4,9 +4,10 @@
 
 The scripted expert (`actors/demonstrations.py`) plays the first `--tasks` tasks of `--hops` hops of `--split`
 against a real tool server, so every episode reaches its answer turn with the right page just read. There the model
-chooses among the answer choices the constrained loop offers (`actors/argument_choices.py`, computed here from the
-evidence page's text); each choice is scored as grammar-constrained decoding scores it, renormalising at every
-token over the tokens some choice with the same prefix continues with, and the model's pick is the best-scored.
+chooses among the answer calls the turn's recorded grammar admits (`Trajectory.turn_grammars`, the
+argument-choices schema the agent loop built from the real observations); each call is scored as the learner scores
+a constrained turn (`GrammarMasks`, `token_logprobs`: log π renormalised over the admitted tokens at every position),
+and the model's pick is the best-scored.
 The figure is the pick's accuracy as a ratio to chance (the mean of 1 / number of choices), beside both. Held-out
 success well below this accuracy means the episodes are lost before the answer turn, in the searching and opening.
 """
@@ -17,6 +18,8 @@ import argparse
 import asyncio
 import json
 from pathlib import Path
+
+import numpy as np
 
 
 def main() -> int:
@@ -32,11 +35,13 @@ def main() -> int:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from longhaul.actors.agent_loop import ChatFormat
-    from longhaul.actors.argument_choices import IN_TEXT, ArgumentChoices
+    from longhaul.actors.argument_choices import IN_TEXT
     from longhaul.actors.demonstrations import demonstrate
     from longhaul.actors.search_world import SearchWorld
     from longhaul.actors.tool_service import ToolClient, serve
     from longhaul.config import load_config
+    from longhaul.learner.batch import token_logprobs
+    from longhaul.learner.grammar_mask import GrammarMasks, choice_calls, unpack_bitmask
 
     config = load_config()
     world = SearchWorld.generate(config.world)
@@ -53,40 +58,37 @@ def main() -> int:
         finally:
             await server.stop(0)
 
-    def answer_turn(answer: str) -> list[int]:
-        text = json.dumps({"name": "answer", "arguments": {"answer": answer}}, separators=(",", ":"))
-        return tokenizer.encode(text, add_special_tokens=False) + [chat.im_end]
+    def answer_turn(call: str) -> list[int]:
+        return tokenizer.encode(call, add_special_tokens=False) + [chat.im_end]
 
     model = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=torch.float32).eval()
+    vocab_size = model.config.vocab_size
+    masks = GrammarMasks.for_model(args.model_dir, vocab_size)
     right, chance, picks = 0, 0.0, []
     for task, trajectory in zip(tasks, asyncio.run(play()), strict=True):
-        ids, mask = trajectory.token_ids.tolist(), trajectory.loss_mask.tolist()
-        start = max(i for i in range(len(ids)) if mask[i] and (i == 0 or not mask[i - 1]))
-        end = start
-        while end < len(ids) and mask[end]:
-            end += 1
-        if answer_turn(IN_TEXT + task.answer) != ids[start:end]:
+        ids = trajectory.token_ids.tolist()
+        schema = trajectory.turn_grammars[-1]
+        last_turn = slice(int(trajectory.turn_offsets[-2]), int(trajectory.turn_offsets[-1]))
+        generated = last_turn.start + np.flatnonzero(trajectory.loss_mask[last_turn])
+        prefix, expert = ids[:generated[0]], [ids[i] for i in generated]
+        answer_call = json.dumps({"name": "answer", "arguments": {"answer": IN_TEXT + task.answer}},
+                                 separators=(",", ":"))
+        if answer_turn(answer_call) != expert:
             raise RuntimeError(f"{task.task_id}: the demonstration's last expert turn is not its answer")
-        prefix = ids[:start]
-        choices = ArgumentChoices(task.question)
-        evidence = task.evidence_doc_ids[-1]
-        choices.saw_page(evidence, world.open(evidence))
-        options = choices.choices("answer")
-        turns = [answer_turn(option) for option in options]
+        calls = [call.decode() for call in choice_calls(schema) or () if call.startswith(b'{"name":"answer"')]
         scores = []
         with torch.no_grad():
-            for turn in turns:
-                logits = model(torch.tensor([prefix + turn])).logits[0, len(prefix) - 1:-1].float()
-                logprobs = torch.log_softmax(logits, -1)
-                score = 0.0
-                for j, token in enumerate(turn):
-                    allowed = sorted({other[j] for other in turns if len(other) > j and other[:j] == turn[:j]})
-                    score += (logprobs[j, token] - torch.logsumexp(logprobs[j, allowed], 0)).item()
-                scores.append(score)
-        pick = options[max(range(len(options)), key=scores.__getitem__)].strip()
+            for call in calls:
+                turn = answer_turn(call)
+                logits = model(torch.tensor([prefix + turn])).logits[0, len(prefix) - 1:-1]
+                admitted = unpack_bitmask(masks.bitmask(schema, turn), vocab_size)
+                logp, _ = token_logprobs(logits, torch.tensor(turn), (torch.arange(len(turn)), admitted),
+                                         with_entropy=False)
+                scores.append(logp.sum().item())
+        pick = json.loads(calls[max(range(len(calls)), key=scores.__getitem__)])["arguments"]["answer"].strip()
         right += pick == task.answer
-        chance += 1 / len(options)
-        picks.append({"task_id": task.task_id, "answer": task.answer, "pick": pick, "choices": len(options)})
+        chance += 1 / len(calls)
+        picks.append({"task_id": task.task_id, "answer": task.answer, "pick": pick, "choices": len(calls)})
 
     figures = {"model_dir": str(args.model_dir), "split": args.split, "hops": args.hops, "tasks": len(tasks),
                "accuracy": right / len(tasks), "chance": chance / len(tasks),
