@@ -66,10 +66,12 @@ async def held_out_tasks(tools: ToolClient, limit: int | None = None, *, split: 
     return tasks[:limit]
 
 
-async def evaluate_model(model_dir: str | Path, config: LonghaulConfig) -> EvalResult:
+async def evaluate_model(model_dir: str | Path, config: LonghaulConfig, *,
+                         split: str = "test") -> EvalResult:
     """`evaluate` a model directory on its own, as `config.evaluation` says: a tool server of the run's world and an
     engine of the model, both in this process (`longhaul evaluate`, and a run's model before its warm-up; a run
-    evaluates its policy on its actors instead)."""
+    evaluates its policy on its actors instead). `split="train"` plays training tasks instead, to tell what the
+    policy generalises from what it memorised (`bench/answer_turn.py`)."""
     from transformers import AutoTokenizer
 
     from longhaul.actors.tool_service import serve
@@ -80,7 +82,7 @@ async def evaluate_model(model_dir: str | Path, config: LonghaulConfig) -> EvalR
         policy = await InferenceEngine(str(model_dir), config.engine).start()
         async with ToolClient(f"127.0.0.1:{port}", config.tools) as client:
             return await evaluate_held_out(config, engine=policy, tools=client,
-                                           chat=ChatFormat(AutoTokenizer.from_pretrained(model_dir)))
+                                           chat=ChatFormat(AutoTokenizer.from_pretrained(model_dir)), split=split)
     finally:
         if policy is not None:
             policy.shutdown()
@@ -88,11 +90,12 @@ async def evaluate_model(model_dir: str | Path, config: LonghaulConfig) -> EvalR
 
 
 async def evaluate_held_out(config: LonghaulConfig, *, engine: InferenceEngine, tools: ToolClient,
-                            chat: ChatFormat) -> EvalResult:
-    """`evaluate` the held-out tasks `config.evaluation` names, with `config.agent` at the evaluation's temperature
-    and turn limit."""
+                            chat: ChatFormat, split: str = "test") -> EvalResult:
+    """`evaluate` the held-out tasks `config.evaluation` names (of `split`), with `config.agent` at the evaluation's
+    temperature and turn limit."""
     settings = config.evaluation
-    return await evaluate(await held_out_tasks(tools, settings.tasks, hops=settings.hops), engine=engine, tools=tools,
+    tasks = await held_out_tasks(tools, settings.tasks, split=split, hops=settings.hops)
+    return await evaluate(tasks, engine=engine, tools=tools,
                           chat=chat, agent=config.agent.model_copy(update={
                               "temperature": settings.temperature,
                               "max_turns": settings.max_turns or config.agent.max_turns}),
