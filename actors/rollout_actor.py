@@ -40,11 +40,17 @@ class RolloutActor:
             raise ValueError(f"actor {actor_id}: no tasks to draw from (split {config.split!r} is empty)")
         self.actor_id = actor_id
         self._engine, self._tools, self._chat, self._store = engine, tools, chat, store
-        self._tasks, self._agent, self.config = tasks, agent, config
+        self._agent, self.config = agent, config
         self._weights = [config.hop_weights.get(t.hops, 0.0) for t in tasks] if config.hop_weights else None
         if self._weights is not None and not any(w > 0 for w in self._weights):
             raise ValueError(f"actor {actor_id}: actor.hop_weights={config.hop_weights} gives no task of split "
                              f"{config.split!r} a positive weight")
+        if config.tasks is not None:
+            drawable = sorted((i for i in range(len(tasks)) if self._weights is None or self._weights[i] > 0),
+                              key=lambda i: tasks[i].task_id)[:config.tasks]
+            tasks = [tasks[i] for i in drawable]
+            self._weights = [self._weights[i] for i in drawable] if self._weights is not None else None
+        self._tasks = tasks
         self._rng = random.Random(seed)
         self.appended = 0
         """Trajectories this actor has appended to the buffer."""
