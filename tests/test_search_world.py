@@ -95,6 +95,16 @@ def test_world_is_identical_across_processes_with_different_hash_seeds():
         assert result.stdout.strip() == here
 
 
+@pytest.mark.parametrize(("before", "after"), [(None, "cpu"), ("cuda", "cuda")])
+def test_importing_the_world_keeps_jax_off_the_gpu_unless_the_user_chose(before, after):
+    # bm25s runs jax at import when jax is installed; on a GPU that takes 75 % of its memory from the vLLM engine.
+    env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"} | ({"JAX_PLATFORMS": before} if before else {})
+    result = subprocess.run(
+        [sys.executable, "-c", "import os, longhaul.actors.search_world; print(os.environ['JAX_PLATFORMS'])"],
+        env=env, capture_output=True, text=True, timeout=60, check=True)
+    assert result.stdout.strip() == after
+
+
 # ---- tasks ------------------------------------------------------------------------------------------------------
 
 
