@@ -14,7 +14,9 @@ generated tokens: the surprisal of the sampled tokens, whose expectation is the 
 (trajectories carry no entropy of their own).
 
 A scorer gives every arm a score; `constrained_top` keeps the ceil(top_p · n_g) best of each group g (n_g its
-candidates this round) and the `batch_size` best of those overall. An arm is eligible only while its uses are below
+candidates this round) and the `batch_size` best of those overall: the best arms (`selection: arms`), or whole
+groups ranked by the mean score of what they keep (`selection: groups`), so that the learner's group advantages
+cover every member it keeps. An arm is eligible only while its uses are below
 `history.max_times_sampled` and, under the `drop` staleness policy, it is within `max_staleness`. The scorers:
 - `NeuralUCBScorer` (`learner.sampler: bandit`): a small MLP f(x) predicts the selection reward; the exploration bonus
   is neural-linear UCB, α·sqrt(hᵀA⁻¹h), h the MLP's last hidden layer and A = λI + Σ h̄ h̄ᵀ over the selections it
@@ -161,10 +163,14 @@ def group_quota(size: np.ndarray | int, top_p: float) -> np.ndarray:
 
 
 def constrained_top(scores: np.ndarray, groups: np.ndarray, k: int, top_p: float,
-                    eligible: np.ndarray | None = None) -> np.ndarray:
+                    eligible: np.ndarray | None = None, *, whole_groups: bool = False) -> np.ndarray:
     """Indices (ascending) of the selection: among eligible arms, the `group_quota` best of each group (groups are
     integer labels; a group's size counts its eligible arms), then the `k` best of those overall. Higher score is
-    better, NaN is worst, and ties go to the lower index, so the result is a function of the inputs alone."""
+    better, NaN is worst, and ties go to the lower index, so the result is a function of the inputs alone.
+
+    `whole_groups`: the `k` are what whole groups keep instead, the groups taken by the mean score of their kept
+    arms (ties to the lower label) while they fit; one that would overflow `k` is passed over for the next. The
+    selection may then hold fewer than `k`."""
     index = np.arange(len(scores)) if eligible is None else np.flatnonzero(eligible)
     if k <= 0 or len(index) == 0:
         return np.zeros(0, dtype=np.int64)
@@ -176,13 +182,23 @@ def constrained_top(scores: np.ndarray, groups: np.ndarray, k: int, top_p: float
     sizes = np.diff(np.r_[starts, len(order)])
     rank = np.arange(len(order)) - np.repeat(starts, sizes)
     kept = order[rank < np.repeat(group_quota(sizes, top_p), sizes)]
-    if len(kept) > k:
+    if len(kept) > k and whole_groups:
+        kept_group = group[kept]
+        labels, counts = np.unique(kept_group, return_counts=True)
+        # -inf for NaN would make a group's mean -inf or NaN: clip, so a group's NaN arms only pull it down.
+        means = np.bincount(np.searchsorted(labels, kept_group), weights=np.maximum(score[kept], -1e300)) / counts
+        taken, chosen = 0, np.zeros(len(labels), dtype=bool)
+        for g in np.lexsort((labels, -means)):
+            if taken + counts[g] <= k:
+                chosen[g], taken = True, taken + counts[g]
+        kept = kept[chosen[np.searchsorted(labels, kept_group)]]
+    elif len(kept) > k:
         kept = kept[np.lexsort((index[kept], -score[kept]))[:k]]
     return np.sort(index[kept])
 
 
 def select(arms: Sequence[Arm], scorer: Scorer, *, learner_version: int, round_: int, k: int, top_p: float,
-           max_times: int, max_staleness: int | None) -> tuple[np.ndarray, np.ndarray]:
+           max_times: int, max_staleness: int | None, whole_groups: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """One round's choice among `arms`: (their contexts, the chosen indices). Eligible are the arms used fewer than
     `max_times` times and, unless `max_staleness` is None (the `downweight` policy trains any staleness), at most
     `max_staleness` versions behind `learner_version` (the store's `judge`, vectorised)."""
@@ -195,7 +211,7 @@ def select(arms: Sequence[Arm], scorer: Scorer, *, learner_version: int, round_:
         newest = raw[:, 5]
         eligible &= (newest < 0) | (learner_version - newest <= max_staleness)
     predicted, bonus = scorer.score(contexts)
-    return contexts, constrained_top(predicted + bonus, groups, k, top_p, eligible)
+    return contexts, constrained_top(predicted + bonus, groups, k, top_p, eligible, whole_groups=whole_groups)
 
 
 def selection_reward(v_t: float, v_next: float, e_t: float, e_next: float, *, entropy_weight: float,
@@ -523,7 +539,8 @@ class RolloutScheduler:
         staleness = self._store.staleness.config
         contexts, chosen = select(arms, self.scorer, learner_version=learner_version, round_=self.round,
                                   k=self.batch_size, top_p=self.config.top_p, max_times=self.max_times,
-                                  max_staleness=staleness.max_staleness if staleness.policy == "drop" else None)
+                                  max_staleness=staleness.max_staleness if staleness.policy == "drop" else None,
+                                  whole_groups=self.config.selection == "groups")
         select_seconds = time.perf_counter() - started
 
         held = list(self._held.values())

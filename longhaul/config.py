@@ -263,6 +263,11 @@ class SchedulerConfig(_Section):
     """Share of each group's candidates a round may select, rounded up (so at least one per group). The batch is
     the `buffer.staleness.batch_size` best of what the groups keep."""
 
+    selection: Literal["arms", "groups"] = "arms"
+    """How the batch is filled from what the groups keep: `arms`, the best arms, which may split a group (the
+    learner's group advantages then cover only the members it gets, and a lone member gets none: docs/scheduler.md,
+    Limitations); `groups`, whole groups by the mean score of what they keep."""
+
     exploration: float = Field(default=1.0, ge=0, le=100)
     """Bandit only: α of the neural-linear UCB bonus α·sqrt(hᵀA⁻¹h), in units of the standardised selection reward.
     0 is greedy."""

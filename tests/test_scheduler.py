@@ -97,6 +97,46 @@ def test_selection_keeps_the_top_p_of_each_group_and_k_overall_exactly(top_p):
         assert len(chosen) == min(k, sum(int(group_quota(s, top_p)) for s in sizes.values() if s))
 
 
+def reference_whole_groups(scores, groups, k, top_p, eligible) -> list[int]:
+    kept: dict[int, list[int]] = {}
+    for g in sorted(set(groups.tolist())):
+        members = sorted((i for i in range(len(scores)) if groups[i] == g and eligible[i]),
+                         key=lambda i: (-scores[i], i))
+        if members:
+            kept[g] = members[:max(1, math.ceil(round(top_p * len(members), 9)))]
+    if sum(map(len, kept.values())) <= k:
+        return sorted(i for members in kept.values() for i in members)
+    chosen: list[int] = []
+    for g in sorted(kept, key=lambda g: (-float(np.mean([scores[i] for i in kept[g]])), g)):
+        if len(chosen) + len(kept[g]) <= k:
+            chosen += kept[g]
+    return sorted(chosen)
+
+
+@pytest.mark.parametrize("top_p", [0.25, 0.5, 1.0])
+def test_whole_group_selection_takes_what_the_best_groups_keep_while_they_fit_k(top_p):
+    rng = np.random.default_rng(int(top_p * 1000) + 1)
+    for trial in range(200):
+        n = int(rng.integers(1, 120))
+        groups = rng.integers(0, max(1, n // 3), size=n)
+        scores = rng.normal(size=n).round(1)
+        eligible = rng.random(n) < 0.8
+        k = int(rng.integers(1, 40))
+        chosen = constrained_top(scores, groups, k, top_p, eligible, whole_groups=True)
+        assert chosen.tolist() == reference_whole_groups(scores, groups, k, top_p, eligible), f"trial {trial}"
+        assert len(chosen) <= k and eligible[chosen].all()
+        for g in set(groups[chosen].tolist()):  # a group is in whole or not at all
+            size = int((eligible & (groups == g)).sum())
+            assert (groups[chosen] == g).sum() == int(group_quota(size, top_p))
+
+
+def test_whole_groups_pass_over_one_that_would_overflow_k_for_a_smaller_one():
+    scores = np.array([9.0, 9.0, 9.0, 5.0, 5.0, 5.0, 1.0, 1.0])
+    groups = np.array([0, 0, 0, 1, 1, 1, 2, 2])
+    assert constrained_top(scores, groups, 5, 1.0, whole_groups=True).tolist() == [0, 1, 2, 6, 7]
+    assert constrained_top(scores, groups, 5, 1.0).tolist() == [0, 1, 2, 3, 4]  # arms: group 1 is split
+
+
 def test_group_quota_rounds_up_but_never_past_an_exact_product():
     assert group_quota(np.array([1, 2, 3, 4, 10]), 0.5).tolist() == [1, 1, 2, 2, 5]
     assert group_quota(10, 0.3).tolist() == 3  # 0.3 · 10 is 3.0000000000000004 in floating point

@@ -26,8 +26,9 @@ def buffer_config(rounds: int, max_times: int) -> BufferConfig:
                         history=HistoryConfig(rounds=rounds, max_times_sampled=max_times))
 
 
-def scheduler(store: TrajectoryStore, kind: str, top_p: float, seed: int = 0) -> RolloutScheduler:
-    config = SchedulerConfig(top_p=top_p, seed=seed)
+def scheduler(store: TrajectoryStore, kind: str, top_p: float, seed: int = 0,
+              selection: str = "arms") -> RolloutScheduler:
+    config = SchedulerConfig(top_p=top_p, seed=seed, selection=selection)
     return RolloutScheduler(store, CONSUMER, make_scorer(kind, config), batch_size=BATCH, group_size=GROUP_SIZE,
                             config=config)
 
@@ -86,6 +87,21 @@ def test_rounds_keep_top_p_per_group_batch_size_and_max_times_sampled_exactly(ma
     assert max(uses.values()) == max_times  # reached ...
     assert all(n <= max_times for n in uses.values())  # ... and never exceeded, commit lag or not
     assert sampler.counters["replay"] > 0 and sampler.counters["fresh"] > 0
+
+
+@pytest.mark.parametrize("kind", ["uniform", "bandit"])
+def test_whole_group_selection_delivers_every_member_of_each_group_it_picks(make_store, kind):
+    store = make_store(buffer_config(rounds=4, max_times=2))
+    sampler = scheduler(store, kind, top_p=1.0, selection="groups")
+    sources: Counter[str] = Counter()
+    for step in range(1, 12):
+        arrive(store, step)
+        batch = sampler.next_batch(learner_version=step - 1, timeout_s=5)
+        # Two fresh groups of four a round, and the history's: always two whole groups, a batch.
+        assert sorted(Counter(d.trajectory.group_id for d in batch).values()) == [GROUP_SIZE, GROUP_SIZE], step
+        sources.update(d.source for d in batch)
+        store.commit(CONSUMER, step, batch + sampler.take_retired())
+    assert sources["new"] > 0 and sources["replay"] > 0
 
 
 @pytest.mark.parametrize("rounds", [0, 2])
