@@ -27,7 +27,7 @@ import re
 from collections.abc import Iterable, Sequence
 from typing import Any, Final
 
-from bm25s.stopwords import STOPWORDS_EN
+from longhaul.actors.bm25 import STOPWORDS_EN
 
 IN_TEXT: Final = " "
 """Prefix of a query or an answer, as the expert writes them and as they are offered: the string as it appears after

@@ -32,7 +32,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import os
 import random
 import re
 import string
@@ -41,16 +40,10 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Final, Literal
 
-# bm25s probes jax at import (a top-k of a throwaway array) when jax is installed. On a GPU machine that starts
-# jax's CUDA backend, which takes 75 % of the GPU's memory before a vLLM engine in the same process can start. The
-# world ranks with numpy and never calls jax.
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
+import numpy as np
 
-import bm25s  # noqa: E402
-import numpy as np  # noqa: E402
-from bm25s.stopwords import STOPWORDS_EN  # noqa: E402
-
-from longhaul.config import WorldConfig  # noqa: E402
+from longhaul.actors.bm25 import STOPWORDS_EN, bm25s
+from longhaul.config import WorldConfig
 
 # bm25s sets its logger to DEBUG and logs every index build: in every process that builds a world (the driver, the
 # tool server, the warm-up), a line that tells the user nothing.

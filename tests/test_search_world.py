@@ -95,14 +95,16 @@ def test_world_is_identical_across_processes_with_different_hash_seeds():
         assert result.stdout.strip() == here
 
 
+@pytest.mark.parametrize("module", ["longhaul.actors.search_world", "longhaul.actors.argument_choices"])
 @pytest.mark.parametrize(("before", "after"), [(None, "cpu"), ("cuda", "cuda")])
-def test_importing_the_world_keeps_jax_off_the_gpu_unless_the_user_chose(before, after):
+def test_importing_bm25s_keeps_jax_off_the_gpu_unless_the_user_chose(module, before, after):
     # bm25s runs jax at import when jax is installed; on a GPU that takes 75 % of its memory from the vLLM engine.
+    # Both of its importers, each first in a fresh process (the agent loop imports the argument choices first).
     env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"} | ({"JAX_PLATFORMS": before} if before else {})
     result = subprocess.run(
-        [sys.executable, "-c", "import os, longhaul.actors.search_world; print(os.environ['JAX_PLATFORMS'])"],
+        [sys.executable, "-c", f"import os, sys, {module}; print(os.environ['JAX_PLATFORMS'], 'bm25s' in sys.modules)"],
         env=env, capture_output=True, text=True, timeout=60, check=True)
-    assert result.stdout.strip() == after
+    assert result.stdout.split() == [after, "True"]
 
 
 # ---- tasks ------------------------------------------------------------------------------------------------------
