@@ -143,7 +143,7 @@ async def measure(args) -> dict:
 
             async def run(name, work, row=row):
                 (tokens, seconds, *rest), prefill = await counted(work)
-                row.update({f"{name}_tok_s": tokens / seconds, f"{name}_tokens": tokens,
+                row.update({f"{name}_tok_s": tokens / seconds, f"{name}_tokens": tokens, f"{name}_seconds": seconds,
                             f"{name}_prefill_tokens": prefill, f"{name}_engine_tok_s": (tokens + prefill) / seconds})
                 return rest
 
@@ -154,6 +154,7 @@ async def measure(args) -> dict:
                                                args.turns, choices))
             await run("turn_sized", turn_sized_pass(engine, prompt, trajectories))
             row["tool_calls"] = sum(t.num_tool_calls for t in trajectories)
+            row["turns"] = sum(t.num_turns for t in trajectories)
             row["agent_vs_single"] = row["agent_tok_s"] / row["single_tok_s"]
             row["slow_vs_fast"] = row["slow_agent_tok_s"] / row["agent_tok_s"]
             row["engine_agent_vs_single"] = row["agent_engine_tok_s"] / row["single_engine_tok_s"]
@@ -206,6 +207,10 @@ def main(argv=None) -> int:
     print(f"  agent loop, instant tools       {median('agent_tok_s'):8.1f}   ({rows[0]['tool_calls']} tool calls)")
     print(f"  agent loop, {args.latency_ms} ms tools          {median('slow_agent_tok_s'):8.1f}")
     print(f"  turn-sized requests (diagnostic) {median('turn_sized_tok_s'):7.1f}   (no tools, no grammar)")
+    # Tokens/s alone hides a change of turn length (a turn's cost is mostly per turn): the pass's time and turns too.
+    print(f"  agent pass: {median('agent_seconds'):.2f} s for {rows[0]['turns']} turns of "
+          f"{rows[0]['agent_tokens'] / rows[0]['turns']:.1f} generated tokens; single-turn pass "
+          f"{median('single_seconds'):.2f} s")
     verdict = "PASS" if median("agent_vs_single") >= 0.8 else "FAIL"
     print(f"  agent / single-turn             {spread('agent_vs_single')}   {verdict} (target ≥ 0.80)")
     verdict = "PASS" if median("slow_vs_fast") >= 0.8 else "FAIL"
