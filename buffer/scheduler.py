@@ -183,15 +183,14 @@ def constrained_top(scores: np.ndarray, groups: np.ndarray, k: int, top_p: float
     rank = np.arange(len(order)) - np.repeat(starts, sizes)
     kept = order[rank < np.repeat(group_quota(sizes, top_p), sizes)]
     if len(kept) > k and whole_groups:
-        kept_group = group[kept]
-        labels, counts = np.unique(kept_group, return_counts=True)
-        # -inf for NaN would make a group's mean -inf or NaN: clip, so a group's NaN arms only pull it down.
-        means = np.bincount(np.searchsorted(labels, kept_group), weights=np.maximum(score[kept], -1e300)) / counts
+        labels, slot, counts = np.unique(group[kept], return_inverse=True, return_counts=True)
+        # A NaN score is -inf here; clipped, it pulls its group's mean far down without making it -inf for all.
+        means = np.bincount(slot, weights=np.maximum(score[kept], -1e300)) / counts
         taken, chosen = 0, np.zeros(len(labels), dtype=bool)
         for g in np.lexsort((labels, -means)):
             if taken + counts[g] <= k:
                 chosen[g], taken = True, taken + counts[g]
-        kept = kept[chosen[np.searchsorted(labels, kept_group)]]
+        kept = kept[chosen[slot]]
     elif len(kept) > k:
         kept = kept[np.lexsort((index[kept], -score[kept]))[:k]]
     return np.sort(index[kept])
