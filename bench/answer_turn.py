@@ -79,9 +79,10 @@ def main() -> int:
     from longhaul.actors.evaluation import evaluate_model
     from longhaul.actors.search_world import SearchWorld
     from longhaul.actors.tool_service import ToolClient, serve
+    from longhaul.call_grammar import choice_calls
     from longhaul.config import load_config
     from longhaul.learner.batch import token_logprobs
-    from longhaul.learner.grammar_mask import GrammarMasks, choice_calls, unpack_bitmask
+    from longhaul.learner.grammar_mask import GrammarMasks, unpack_bitmask
 
     config = load_config()
     world = SearchWorld.generate(config.world)

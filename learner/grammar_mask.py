@@ -10,16 +10,14 @@ compact JSON, the request's stop tokens), and renormalises its own logits over t
 
 Compiling a turn's schema is most of that replay's cost (xgrammar precomputes masks for every state of the grammar:
 ~6 ms for an argument-choices schema, each one new), and the learner would spend it on every constrained turn it
-trains. An argument-choices schema admits a finite set of calls, so its masks follow from the texts of those calls
-alone: a token is admitted where its bytes continue one of them, a stop token where one is complete. Schemas of
-exactly that shape take that path (bit for bit the masks xgrammar computes: `tests/test_grammar_mask.py`); any other
+trains. An argument-choices schema admits a finite set of calls, and those turns are walked through
+`longhaul/call_grammar.py` instead: the same walk the engine's sampler makes when it constrains them
+(`actors/choice_masks.py`), bit for bit the masks xgrammar computes (`tests/test_grammar_mask.py`). Any other schema
 goes through xgrammar.
 """
 
 from __future__ import annotations
 
-import json
-import re
 from functools import lru_cache
 from pathlib import Path
 
@@ -28,14 +26,12 @@ import torch
 
 from longhaul.actors.tiny_model import IM_END
 from longhaul.actors.tool_calls import TOOL_CALL_END
+from longhaul.call_grammar import CallTokens, choice_calls
 from longhaul.trajectory import Trajectory
 
 # What `actors/agent_loop.py` passes as the turn's `stop_token_ids`; vLLM adds the model's EOS ids to them, and the
 # grammar admits all of them once the JSON is complete.
 TURN_STOP_TOKENS = (IM_END, TOOL_CALL_END)
-
-# What JSON writes inside a string as it is: printable ASCII but the quote and the backslash.
-_VERBATIM = re.compile(r'[ !#-\[\]-~]*')
 
 
 class GrammarMasks:
@@ -48,14 +44,7 @@ class GrammarMasks:
         self.vocab_size = vocab_size
         self.stop_token_ids = sorted(set(stop_token_ids))
         info = xgrammar.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size)
-        # Each token's bytes, as xgrammar matches them (a stop token only ends a turn: it writes nothing).
-        self._token_bytes = [bytes(b) for b in info.decoded_vocab[:vocab_size]]
-        self._tokens_by_bytes: dict[bytes, list[int]] = {}
-        for token, text in enumerate(self._token_bytes):
-            if text and token not in self.stop_token_ids:
-                self._tokens_by_bytes.setdefault(text, []).append(token)
-        self._longest_token = max(map(len, self._tokens_by_bytes), default=1)
-        self._token_prefixes = {text[:end] for text in self._tokens_by_bytes for end in range(1, len(text) + 1)}
+        self._calls = CallTokens([bytes(text) for text in info.decoded_vocab[:vocab_size]], self.stop_token_ids)
         compiler = xgrammar.GrammarCompiler(info, cache_enabled=True)
         # A step's turns repeat few schemas (the plain tool-call one) among many one-off argument-choice ones.
         self._compile = lru_cache(maxsize=4096)(
@@ -117,30 +106,18 @@ class GrammarMasks:
         admitted: list[int] = []
         written = 0  # bytes of the turn so far, a prefix of every call in `calls`
         for row, token in enumerate(tokens):
-            # What the calls still open can write next, as far as the longest token reaches; a complete one may stop.
-            windows = {call[written:written + self._longest_token] for call in calls}
-            before = len(admitted)
-            for window in windows:
-                for end in range(1, len(window) + 1):
-                    piece = window[:end]
-                    if piece not in self._token_prefixes:
-                        break
-                    admitted += self._tokens_by_bytes.get(piece, ())
-            complete = b"" in windows
-            if complete:
-                admitted += self.stop_token_ids
-            rows += [row] * (len(admitted) - before)
+            allowed = self._calls.admitted(calls, written)
+            rows += [row] * len(allowed)
+            admitted += allowed
             if token in self.stop_token_ids:
-                if not complete:
+                if not self._calls.complete(calls, written):
                     raise self._refused(token, row, schema)
                 if row + 1 < len(tokens):
                     raise ValueError("generated tokens after the grammar's stop token")
                 break
-            piece = self._token_bytes[token] if 0 <= token < self.vocab_size else b""
-            calls = [call for call in calls if call.startswith(piece, written)] if piece else []
+            calls, written = self._calls.step(calls, written, token)
             if not calls:
                 raise self._refused(token, row, schema)
-            written += len(piece)
         bits = np.zeros((len(tokens), -(-self.vocab_size // 32)), dtype=np.uint32)
         ids = np.asarray(admitted, dtype=np.int64)
         np.bitwise_or.at(bits, (np.asarray(rows, dtype=np.int64), ids >> 5),
@@ -164,32 +141,6 @@ class GrammarMasks:
             if not matcher.accept_token(token):
                 raise self._refused(token, row, schema)
         return bitmask
-
-
-def choice_calls(schema: str) -> list[bytes] | None:
-    """Every call an argument-choices schema (`ArgumentChoices.schema`, serialised) admits, as the compact JSON the
-    engine writes it in; None for a schema of any other shape, or one naming a string JSON would escape."""
-    try:
-        spec = json.loads(schema)
-        if spec.keys() != {"anyOf"}:
-            return None
-        calls = []
-        for alternative in spec["anyOf"]:
-            properties = alternative["properties"]
-            name, arguments = properties["name"]["const"], properties["arguments"]
-            [argument] = arguments["required"]
-            choices = arguments["properties"][argument]["enum"]
-            expected = {"type": "object", "additionalProperties": False, "required": ["name", "arguments"],
-                        "properties": {"name": {"const": name}, "arguments": {
-                            "type": "object", "additionalProperties": False, "required": [argument],
-                            "properties": {argument: {"enum": choices}}}}}
-            strings = [name, argument, *choices]
-            if alternative != expected or not all(isinstance(x, str) and _VERBATIM.fullmatch(x) for x in strings):
-                return None
-            calls += [f'{{"name":"{name}","arguments":{{"{argument}":"{choice}"}}}}'.encode() for choice in choices]
-    except (ValueError, TypeError, KeyError, AttributeError):
-        return None
-    return calls or None
 
 
 def unpack_bitmask(bitmask: torch.Tensor, vocab_size: int) -> torch.Tensor:

@@ -88,6 +88,12 @@ class EngineConfig(_Section):
     weight_transfer_backend: Literal["auto", "nccl", "longhaul_gloo"] = "auto"
     """How weights arrive from the learner: NCCL on GPUs, gloo on CPU; `auto` picks by the device."""
 
+    choice_masks: bool = True
+    """Constrain argument-choice turns (`agent.argument_choices`) in the sampler, from the calls' texts, instead of
+    compiling each turn's new schema with xgrammar in the engine core (`actors/choice_masks.py`); the tokens
+    admitted are the same. Loads a vLLM logits processor, which speculative decoding does not allow, and on CUDA
+    selects vLLM's V1 model runner (the processor's interface)."""
+
 
 class AgentConfig(_Section):
     """The multi-turn agent loop of an episode."""

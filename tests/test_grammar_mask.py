@@ -11,8 +11,9 @@ import torch
 
 from longhaul.actors.agent_loop import ChatFormat
 from longhaul.buffer.store import Delivery
+from longhaul.call_grammar import choice_calls
 from longhaul.learner.batch import pack_micro_batches, token_logprobs
-from longhaul.learner.grammar_mask import GrammarMasks, choice_calls, unpack_bitmask
+from longhaul.learner.grammar_mask import GrammarMasks, unpack_bitmask
 from longhaul.learner.metrics import GRAMMAR_REFUSED
 from longhaul.trajectory import Trajectory
 
