@@ -25,7 +25,7 @@ from vllm.config import VllmConfig
 from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor
 from vllm.v1.sample.logits_processor.builtin import process_dict_updates
 
-from longhaul.call_grammar import CallTokens
+from longhaul.call_grammar import CallTokens, CallWalk
 
 CHOICE_CALLS = "longhaul_choice_calls"
 """`SamplingParams.extra_args` key: the calls (strings, compact JSON) a turn may write, and nothing else."""
@@ -40,26 +40,24 @@ log = logging.getLogger(__name__)
 class _Turn:
     """One request's walk through its calls. `output` is vLLM's live list of the request's generated tokens."""
 
-    calls: list[bytes]
+    walk: CallWalk
     output: list[int]
-    tokens: CallTokens
+    stop_token_ids: list[int]
     walked: int = 0
-    written: int = 0
 
     def admitted(self) -> list[int] | None:
         """What the next token may be, after walking the tokens generated since the last step; None if one of
         them left every call (then the turn is no longer constrained)."""
         while self.walked < len(self.output) and self.output[self.walked] >= 0:  # -1: a token not yet known
             token = self.output[self.walked]
-            if token in self.tokens.stop_token_ids and self.tokens.complete(self.calls, self.written):
+            if token in self.stop_token_ids and self.walk.complete:
                 # The turn is over. Under async scheduling vLLM may still compute a step for it, whose token it
                 # then drops.
-                return self.tokens.stop_token_ids
-            self.calls, self.written = self.tokens.step(self.calls, self.written, token)
-            self.walked += 1
-            if not self.calls:
+                return self.stop_token_ids
+            if not self.walk.advance(token):
                 return None
-        return self.tokens.admitted(self.calls, self.written)
+            self.walked += 1
+        return self.walk.admitted()
 
 
 class ChoiceCallMasks(LogitsProcessor):
@@ -101,9 +99,9 @@ class ChoiceCallMasks(LogitsProcessor):
             return None
         stops = frozenset(params.all_stop_token_ids)
         if stops not in self._vocabularies:  # one per stop set; an actor's turns share one
-            token_bytes = CallTokens.from_tokenizer(self._tokenizer, self._vocab_size, stops)
-            self._vocabularies[stops] = token_bytes
-        return _Turn([call.encode() for call in calls], output, self._vocabularies[stops])
+            self._vocabularies[stops] = CallTokens.from_tokenizer(self._tokenizer, self._vocab_size, stops)
+        vocabulary = self._vocabularies[stops]
+        return _Turn(vocabulary.walk(call.encode() for call in calls), output, vocabulary.stop_token_ids)
 
     def apply(self, logits: torch.Tensor) -> torch.Tensor:
         if not self._turns:

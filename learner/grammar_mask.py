@@ -104,19 +104,18 @@ class GrammarMasks:
         """`bitmask` of a grammar whose language is the finite set `calls`."""
         rows: list[int] = []
         admitted: list[int] = []
-        written = 0  # bytes of the turn so far, a prefix of every call in `calls`
+        walk = self._calls.walk(calls)
         for row, token in enumerate(tokens):
-            allowed = self._calls.admitted(calls, written)
+            allowed = walk.admitted()
             rows += [row] * len(allowed)
             admitted += allowed
             if token in self.stop_token_ids:
-                if not self._calls.complete(calls, written):
+                if not walk.complete:
                     raise self._refused(token, row, schema)
                 if row + 1 < len(tokens):
                     raise ValueError("generated tokens after the grammar's stop token")
                 break
-            calls, written = self._calls.step(calls, written, token)
-            if not calls:
+            if not walk.advance(token):
                 raise self._refused(token, row, schema)
         bits = np.zeros((len(tokens), -(-self.vocab_size // 32)), dtype=np.uint32)
         ids = np.asarray(admitted, dtype=np.int64)

@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import json
 import re
+from bisect import bisect_left
 from collections.abc import Iterable, Sequence
-from functools import lru_cache
 
 # What JSON writes inside a string as it is: printable ASCII but the quote and the backslash.
 _VERBATIM = re.compile(r'[ !#-\[\]-~]*')
@@ -51,26 +51,19 @@ def choice_calls(schema: str) -> list[bytes] | None:
 
 
 class CallTokens:
-    """A vocabulary, as the bytes each token writes, for walking a finite set of calls one token at a time.
-
-    A walk's state is the calls still open and the bytes written so far (a prefix of every open call): `admitted`
-    says what may come next, `continuing` what stays open after a token."""
+    """A vocabulary, as the bytes each token writes, for walking finite sets of calls (`walk`)."""
 
     def __init__(self, token_bytes: Sequence[bytes], stop_token_ids: Iterable[int]):
         self.vocab_size = len(token_bytes)
         self.stop_token_ids = sorted(set(stop_token_ids))
         stops = set(self.stop_token_ids)
         # A stop token only ends a turn: it writes nothing, whatever its text.
-        self._token_bytes = [b"" if token in stops else text for token, text in enumerate(token_bytes)]
-        self._tokens_by_bytes: dict[bytes, tuple[int, ...]] = {}
-        for token, text in enumerate(self._token_bytes):
+        self.token_bytes = [b"" if token in stops else text for token, text in enumerate(token_bytes)]
+        self.tokens_by_bytes: dict[bytes, tuple[int, ...]] = {}
+        for token, text in enumerate(self.token_bytes):
             if text:
-                self._tokens_by_bytes[text] = (*self._tokens_by_bytes.get(text, ()), token)
-        self._longest_token = max(map(len, self._tokens_by_bytes), default=1)
-        self._token_prefixes = {text[:end] for text in self._tokens_by_bytes for end in range(1, len(text) + 1)}
-        # The calls of one turn share their opening (`{"name":"search","arguments":{"query":" `) with every other
-        # turn's, and a turn's choices repeat across the turns of an episode: the same windows come back often.
-        self._window_tokens = lru_cache(maxsize=1 << 16)(self._tokens_spelling_a_prefix_of)
+                self.tokens_by_bytes[text] = (*self.tokens_by_bytes.get(text, ()), token)
+        self.token_prefixes = {text[:end] for text in self.tokens_by_bytes for end in range(1, len(text) + 1)}
 
     @classmethod
     def from_tokenizer(cls, tokenizer, vocab_size: int, stop_token_ids: Iterable[int]) -> CallTokens:
@@ -81,31 +74,70 @@ class CallTokens:
         info = xgrammar.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size)
         return cls([bytes(text) for text in info.decoded_vocab[:vocab_size]], stop_token_ids)
 
-    def admitted(self, calls: Sequence[bytes], written: int) -> list[int]:
-        """The tokens that may follow `written` bytes of a turn whose open calls are `calls`: those whose bytes
-        continue one of them (sorted), then the stop tokens if one is complete."""
-        windows = {call[written:written + self._longest_token] for call in calls}
-        tokens = sorted({token for window in windows for token in self._window_tokens(window)})
-        return tokens + self.stop_token_ids if b"" in windows else tokens
+    def walk(self, calls: Iterable[bytes]) -> CallWalk:
+        """A turn that may write any of `calls` (ASCII), at its start."""
+        return CallWalk(self, calls)
 
-    @staticmethod
-    def complete(calls: Sequence[bytes], written: int) -> bool:
-        """Whether one of the open `calls` is written in full, so that a stop token may end the turn."""
-        return any(len(call) == written for call in calls)
 
-    def step(self, calls: Sequence[bytes], written: int, token: int) -> tuple[list[bytes], int]:
-        """The calls still open after `token` follows `written` bytes, and the bytes written then; no calls if none
-        continues with `token` (a stop token continues none: it ends the turn)."""
-        piece = self._token_bytes[token] if 0 <= token < self.vocab_size else b""
-        if not piece:
-            return [], written
-        return [call for call in calls if call.startswith(piece, written)], written + len(piece)
+class CallWalk:
+    """One turn's way through its calls, a token at a time: `admitted` says what may come next, `advance` takes it.
 
-    def _tokens_spelling_a_prefix_of(self, window: bytes) -> tuple[int, ...]:
-        tokens: tuple[int, ...] = ()
-        for end in range(1, len(window) + 1):
-            piece = window[:end]
-            if piece not in self._token_prefixes:  # no longer piece can be a token either
-                break
-            tokens += self._tokens_by_bytes.get(piece, ())
-        return tokens
+    The calls are kept sorted, so those still open (the ones starting with the bytes written so far) are one
+    contiguous range, found by bisection: a step costs the logarithm of the number of calls, not the number, and
+    an episode's search turns offer every name it has seen."""
+
+    __slots__ = ("_vocabulary", "_calls", "_lo", "_hi", "written")
+
+    def __init__(self, vocabulary: CallTokens, calls: Iterable[bytes]):
+        self._vocabulary = vocabulary
+        self._calls = sorted(set(calls))
+        self._lo, self._hi = 0, len(self._calls)
+        self.written = 0
+        """Bytes of the turn so far: a prefix of every open call."""
+
+    @property
+    def open(self) -> bool:
+        """Whether some call still starts with what the turn has written."""
+        return self._lo < self._hi
+
+    @property
+    def complete(self) -> bool:
+        """Whether an open call is written in full, so that a stop token may end the turn."""
+        # A call that is a prefix of the others sorts first among them.
+        return self._lo < self._hi and len(self._calls[self._lo]) == self.written
+
+    def admitted(self) -> list[int]:
+        """The tokens that may come next: those whose bytes continue an open call, then the stop tokens if one is
+        complete."""
+        vocabulary, calls = self._vocabulary, self._calls
+        admitted: list[int] = []
+        # Depth first over the distinct continuations of the open calls, each a sub-range of them, for as long as
+        # a continuation is the start of some token: an argument's first bytes branch, the JSON around it does not.
+        pending = [(self._lo + self.complete, self._hi, self.written)]
+        while pending:
+            lo, hi, end = pending.pop()
+            while lo < hi:
+                piece_end = calls[lo][:end + 1]
+                # Every call of the sub-range starts with `piece_end`: they sort before its successor.
+                sub_hi = bisect_left(calls, piece_end + b"\xff", lo, hi)
+                piece = piece_end[self.written:]
+                if piece in vocabulary.token_prefixes:
+                    admitted += vocabulary.tokens_by_bytes.get(piece, ())
+                    # Calls of the sub-range that end right here sort first; the rest continue.
+                    pending.append((lo + (len(calls[lo]) == end + 1), sub_hi, end + 1))
+                lo = sub_hi
+        return admitted + vocabulary.stop_token_ids if self.complete else admitted
+
+    def advance(self, token: int) -> bool:
+        """Take `token`; False if it continues no open call (the walk is then closed: nothing is open). A stop
+        token continues none: it ends the turn."""
+        vocabulary = self._vocabulary
+        piece = vocabulary.token_bytes[token] if 0 <= token < vocabulary.vocab_size else b""
+        if self.open and piece:
+            prefix = self._calls[self._lo][:self.written] + piece
+            self._lo = bisect_left(self._calls, prefix, self._lo, self._hi)
+            self._hi = bisect_left(self._calls, prefix + b"\xff", self._lo, self._hi)
+            self.written += len(piece)
+        else:
+            self._lo = self._hi
+        return self.open
