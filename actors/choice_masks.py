@@ -106,6 +106,7 @@ class ChoiceCallMasks(LogitsProcessor):
     def apply(self, logits: torch.Tensor) -> torch.Tensor:
         if not self._turns:
             return logits
+        constrained: list[int] = []
         rows: list[int] = []
         columns: list[int] = []
         for index, turn in list(self._turns.items()):
@@ -117,15 +118,17 @@ class ChoiceCallMasks(LogitsProcessor):
                           "turn is unconstrained, and the learner will train it with weight 0", index)
                 del self._turns[index]
                 continue
+            constrained.append(index)
             rows += [index] * len(admitted)
             columns += admitted
-        if not rows:
+        if not constrained:
             return logits
-        constrained = torch.tensor(sorted(set(rows)), dtype=torch.int64, pin_memory=self._pin_memory)
-        index = torch.tensor([rows, columns], dtype=torch.int64, pin_memory=self._pin_memory)
-        constrained = constrained.to(self._device, non_blocking=True)
-        rows_t, columns_t = index.to(self._device, non_blocking=True)
+        # The walk runs on the host; its indices go to the device from pinned memory, without blocking the host.
+        rows_t, columns_t = self._to_device([rows, columns])
         kept = logits[rows_t, columns_t]
-        logits[constrained] = float("-inf")
+        logits[self._to_device(constrained)] = float("-inf")
         logits[rows_t, columns_t] = kept
         return logits
+
+    def _to_device(self, values: list) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.int64, pin_memory=self._pin_memory).to(self._device, non_blocking=True)
