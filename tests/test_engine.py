@@ -22,6 +22,26 @@ def model_dir(tiny_model_dir):
     return tiny_model_dir
 
 
+def delivery_of_one_turn(prompt: list[int], turn, grammar: str = ""):
+    """`turn` (a `Generation`) after `prompt`, as the learner receives it: one turn of one trajectory, constrained
+    by `grammar` if one is given."""
+    import numpy as np
+
+    from longhaul.buffer.store import Delivery
+    from longhaul.trajectory import Trajectory
+
+    n = len(turn.token_ids)
+    trajectory = Trajectory(
+        trajectory_id="t", task_id="task", group_id="g", actor_id="a", env="test",
+        token_ids=np.asarray(prompt + turn.token_ids, dtype="<u4"),
+        loss_mask=np.asarray([0] * len(prompt) + [1] * n, dtype="u1"),
+        behavior_logprobs=np.asarray([0.0] * len(prompt) + turn.logprobs, dtype="<f4"),
+        versions=np.asarray([-1] * len(prompt) + turn.versions, dtype="<i4"),
+        turn_offsets=np.asarray([len(prompt), len(prompt) + n], dtype="<u4"), reward=0.0, num_turns=1,
+        num_tool_calls=0, finish_reason="max_turns", turn_grammars=[grammar] if grammar else [])
+    return Delivery(b"1-0", trajectory, "new", 0, 1.0)
+
+
 def test_a_turn_returns_one_logprob_and_version_per_token_and_stops_on_a_stop_token(model_dir):
     async def scenario():
         engine = await InferenceEngine(str(model_dir), CONFIG, initial_version=3).start()
@@ -79,13 +99,10 @@ def test_a_weight_update_during_generation_lets_episodes_finish_and_switches_ver
 
 
 def test_behaviour_logprobs_are_of_the_tempered_distribution_that_sampled_and_the_learner_scores_the_same(model_dir):
-    import numpy as np
     import torch
     from transformers import AutoModelForCausalLM
 
-    from longhaul.buffer.store import Delivery
     from longhaul.learner.batch import pack_micro_batches, policy_logprobs
-    from longhaul.trajectory import Trajectory
 
     temperature = 0.25  # far from 1: the untrained model's logits are nearly flat
 
@@ -97,16 +114,7 @@ def test_behaviour_logprobs_are_of_the_tempered_distribution_that_sampled_and_th
             engine.shutdown()
 
     turn = asyncio.run(scenario())
-    n = len(turn.token_ids)
-    trajectory = Trajectory(
-        trajectory_id="t", task_id="task", group_id="g", actor_id="a", env="test",
-        token_ids=np.asarray(PROMPT + turn.token_ids, dtype="<u4"),
-        loss_mask=np.asarray([0] * len(PROMPT) + [1] * n, dtype="u1"),
-        behavior_logprobs=np.asarray([0.0] * len(PROMPT) + turn.logprobs, dtype="<f4"),
-        versions=np.asarray([-1] * len(PROMPT) + turn.versions, dtype="<i4"),
-        turn_offsets=np.asarray([len(PROMPT), len(PROMPT) + n], dtype="<u4"), reward=0.0, num_turns=1,
-        num_tool_calls=0, finish_reason="max_turns")
-    [mb] = pack_micro_batches([Delivery(b"1-0", trajectory, "new", 0, 1.0)], torch.zeros(1), 1 << 20)
+    [mb] = pack_micro_batches([delivery_of_one_turn(PROMPT, turn)], torch.zeros(1), 1 << 20)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     with torch.no_grad():
         tempered, _ = policy_logprobs(model, mb, temperature=temperature)
@@ -126,18 +134,15 @@ def test_an_argument_choice_turn_samples_from_the_set_the_learner_scores_masked_
     a constrained turn has the logprob the learner gives it over its grammar's admitted set."""
     import json
 
-    import numpy as np
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from longhaul.actors.agent_loop import ChatFormat
     from longhaul.actors.argument_choices import ArgumentChoices
     from longhaul.actors.search_world import SearchWorld
-    from longhaul.buffer.store import Delivery
     from longhaul.call_grammar import choice_calls
     from longhaul.learner.batch import pack_micro_batches, policy_logprobs
     from longhaul.learner.grammar_mask import GrammarMasks
-    from longhaul.trajectory import Trajectory
     from tests.conftest import SMALL_WORLD
 
     chat = ChatFormat(AutoTokenizer.from_pretrained(model_dir))
@@ -168,19 +173,11 @@ def test_an_argument_choice_turn_samples_from_the_set_the_learner_scores_masked_
             compact = json.dumps(schema, separators=(",", ":"))
             assert turn.finish_reason == "stop" and turn.token_ids[-1] in grammars.stop_token_ids  # EOS included
             assert chat.turn_text(turn.token_ids).encode() in choice_calls(compact)
-            n = len(turn.token_ids)
-            trajectory = Trajectory(
-                trajectory_id="t", task_id="task", group_id="g", actor_id="a", env="test",
-                token_ids=np.asarray(prompt + turn.token_ids, dtype="<u4"),
-                loss_mask=np.asarray([0] * len(prompt) + [1] * n, dtype="u1"),
-                behavior_logprobs=np.asarray([0.0] * len(prompt) + turn.logprobs, dtype="<f4"),
-                versions=np.asarray([-1] * len(prompt) + turn.versions, dtype="<i4"),
-                turn_offsets=np.asarray([0, len(prompt) + n], dtype="<u4"), reward=0.0, num_turns=1,
-                num_tool_calls=1, finish_reason="max_turns", turn_grammars=[compact])
-            [mb] = pack_micro_batches([Delivery(b"1-0", trajectory, "new", 0, 1.0)], torch.zeros(1), 1 << 20, grammars)
+            [mb] = pack_micro_batches([delivery_of_one_turn(prompt, turn, compact)], torch.zeros(1), 1 << 20,
+                                      grammars)
             with torch.no_grad():
                 learner, _ = policy_logprobs(model, mb)
             on = mb.loss_mask[0] > 0
-            assert len(mb.constrained.rows) == n  # every generated token was scored under the grammar
+            assert len(mb.constrained.rows) == len(turn.token_ids)  # every generated token was scored under the grammar
             # bf16 engine against a float32 learner; a token scored over a different set would be off by far more
             assert (learner[0][on] - mb.behavior_logp[0][on]).abs().max() < 0.05, f"masked={masked}"
